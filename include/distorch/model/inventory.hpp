@@ -1,0 +1,235 @@
+#pragma once
+/// \file
+/// The inventory: the ordered units of a model. A unit is the smallest thing placed as a whole:
+/// by default a leaf module (all tensors sharing a module path), coarsened by grouping rules such
+/// as `blocks\.\d+`. Tensors that share a storage are counted once and always land in one unit.
+/// Pure C++: module_inventory.hpp builds records from a live `torch::nn::Module`, the io/ readers
+/// build them from file headers.
+///
+/// Example:
+/// \code
+///   std::vector<distorch::tensor_record> records{
+///       {"blocks.0.attn.weight", distorch::dtype::f32, {64, 64}},
+///       {"blocks.0.mlp.weight", distorch::dtype::f32, {256, 64}},
+///       {"head.weight", distorch::dtype::f32, {10, 64}}};
+///   auto inv = distorch::inventory::from_records(records, {distorch::grouping_rule{R"(blocks\.\d+)"}});
+///   inv.units().size();   // 2: "blocks.0" and "head"
+/// \endcode
+
+#include <cstdint>
+#include <numeric>
+#include <regex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "distorch/core/error.hpp"
+#include "distorch/model/dtype.hpp"
+
+namespace distorch::inline v0 {
+
+/// One stored tensor, as known before (or without) loading it.
+struct tensor_record {
+  std::string name;                 ///< full dotted name, "blocks.0.attn.qkv.weight"
+  dtype type = dtype::f32;
+  std::vector<std::int64_t> shape;
+  std::uint64_t bytes = 0;          ///< 0: computed as numel × dtype size
+  std::uint64_t storage_key = 0;    ///< nonzero: tensors with the same key share one storage
+  std::uint64_t storage_bytes = 0;  ///< bytes of that shared storage (0: this tensor's bytes)
+
+  std::int64_t numel() const noexcept {
+    return std::accumulate(shape.begin(), shape.end(), std::int64_t{1}, std::multiplies<>());
+  }
+  friend bool operator==(const tensor_record&, const tensor_record&) = default;
+};
+
+/// A grouping rule: a regular expression matched against the start of a unit's module path. When
+/// it matches a whole prefix of components (`blocks.3` in `blocks.3.attn.qkv`), that prefix
+/// becomes the unit.
+struct grouping_rule {
+  std::string pattern;
+};
+
+/// The smallest thing placed as a whole.
+struct unit {
+  std::string name;                    ///< module path, "" for tensors at the root
+  std::vector<tensor_record> tensors;  ///< in model order
+  std::uint64_t bytes = 0;             ///< shared storages counted once
+  friend bool operator==(const unit&, const unit&) = default;
+};
+
+namespace detail {
+
+/// Module path of a tensor name: everything before the last '.'.
+inline std::string_view module_path_of(std::string_view tensor_name) noexcept {
+  const auto dot = tensor_name.rfind('.');
+  return dot == std::string_view::npos ? std::string_view{} : tensor_name.substr(0, dot);
+}
+
+struct compiled_grouping {
+  std::string source;
+  std::regex re;
+};
+
+inline std::vector<compiled_grouping> compile_grouping(std::span<const grouping_rule> rules) {
+  std::vector<compiled_grouping> out;
+  out.reserve(rules.size());
+  for (const auto& r : rules) {
+    try {
+      out.push_back({r.pattern, std::regex(r.pattern, std::regex::ECMAScript | std::regex::optimize)});
+    } catch (const std::regex_error& e) {
+      throw allocation_error({"compiling grouping rule", r.pattern, std::nullopt,
+                              std::string("not a valid regular expression: ") + e.what(),
+                              "write an ECMAScript regex such as blocks\\.\\d+"});
+    }
+  }
+  return out;
+}
+
+/// The unit a module path belongs to under the grouping rules.
+inline std::string_view group_of(std::string_view path, const std::vector<compiled_grouping>& rules) {
+  for (const auto& rule : rules) {
+    std::match_results<std::string_view::const_iterator> m;
+    if (std::regex_search(path.begin(), path.end(), m, rule.re, std::regex_constants::match_continuous)) {
+      const auto length = static_cast<std::size_t>(m.length(0));
+      if (length > 0 && (length == path.size() || path[length] == '.')) return path.substr(0, length);
+    }
+  }
+  return path;
+}
+
+/// Minimal union-find over unit indices, for merging units that share a storage.
+struct unit_union {
+  std::vector<std::size_t> parent;
+  explicit unit_union(std::size_t n) : parent(n) { std::iota(parent.begin(), parent.end(), std::size_t{0}); }
+  std::size_t find(std::size_t i) {
+    while (parent[i] != i) i = parent[i] = parent[parent[i]];
+    return i;
+  }
+  void join(std::size_t a, std::size_t b) {
+    a = find(a), b = find(b);
+    if (a != b) (a < b ? parent[b] = a : parent[a] = b);  // the earlier unit survives
+  }
+};
+
+}  // namespace detail
+
+/// The ordered units of a model.
+class inventory {
+ public:
+  inventory() = default;
+  explicit inventory(std::vector<unit> units) : units_(std::move(units)) {}
+
+  /// Builds units from tensor records in model order. Units appear in the order of their first
+  /// tensor; tensors sharing a `storage_key` pull their units into one (the earliest).
+  /// Throws `allocation_error` for an invalid grouping regex and `format_error` for a tensor
+  /// name that appears twice.
+  /// \code
+  ///   auto inv = distorch::inventory::from_records(records);          // leaf-module units
+  ///   auto blocks = distorch::inventory::from_records(records, {{R"(blocks\.\d+)"}});
+  /// \endcode
+  static inventory from_records(std::span<const tensor_record> records, std::span<const grouping_rule> grouping = {}) {
+    const auto rules = detail::compile_grouping(grouping);
+    std::vector<unit> units;
+    std::unordered_map<std::string, std::size_t> unit_index;
+    std::unordered_map<std::string_view, bool> seen_names;
+    std::unordered_map<std::uint64_t, std::size_t> storage_owner;
+    std::vector<std::pair<std::size_t, std::size_t>> ties;
+    seen_names.reserve(records.size());
+    for (const auto& record : records) {
+      if (!seen_names.emplace(record.name, true).second)
+        throw format_error({"building inventory", record.name, std::nullopt, "tensor name appears twice",
+                            "each tensor must have a unique name"});
+      const std::string key{detail::group_of(detail::module_path_of(record.name), rules)};
+      auto [it, inserted] = unit_index.try_emplace(key, units.size());
+      if (inserted) units.push_back(unit{key, {}, 0});
+      const std::size_t u = it->second;
+      units[u].tensors.push_back(record);
+      if (record.storage_key != 0) {
+        auto [owner, fresh] = storage_owner.try_emplace(record.storage_key, u);
+        if (!fresh && owner->second != u) ties.emplace_back(owner->second, u);
+      }
+    }
+    if (!ties.empty()) units = merge_tied(std::move(units), ties);
+    for (auto& u : units) u.bytes = unit_bytes(u.tensors);
+    return inventory(std::move(units));
+  }
+
+  const std::vector<unit>& units() const noexcept { return units_; }
+  std::size_t size() const noexcept { return units_.size(); }
+  bool empty() const noexcept { return units_.empty(); }
+  const unit& operator[](std::size_t i) const { return units_.at(i); }
+
+  /// Total bytes of all units.
+  std::uint64_t total_bytes() const noexcept {
+    std::uint64_t total = 0;
+    for (const auto& u : units_) total += u.bytes;
+    return total;
+  }
+
+  /// Index of the unit with this name, or -1.
+  std::ptrdiff_t index_of(std::string_view name) const noexcept {
+    for (std::size_t i = 0; i < units_.size(); ++i)
+      if (units_[i].name == name) return static_cast<std::ptrdiff_t>(i);
+    return -1;
+  }
+
+  /// The unit holding a tensor, by tensor name, or nullptr.
+  const unit* unit_of_tensor(std::string_view tensor_name) const noexcept {
+    for (const auto& u : units_)
+      for (const auto& t : u.tensors)
+        if (t.name == tensor_name) return &u;
+    return nullptr;
+  }
+
+  friend bool operator==(const inventory&, const inventory&) = default;
+
+  /// Bytes of one tensor record: explicit bytes, else numel × dtype size.
+  static std::uint64_t record_bytes(const tensor_record& t) noexcept {
+    if (t.bytes != 0) return t.bytes;
+    const auto n = t.numel();
+    return n <= 0 ? 0 : static_cast<std::uint64_t>(n) * dtype_size(t.type);
+  }
+
+  /// Bytes of a set of tensors, counting each shared storage once.
+  static std::uint64_t unit_bytes(std::span<const tensor_record> tensors) {
+    std::uint64_t total = 0;
+    std::unordered_map<std::uint64_t, std::uint64_t> storages;
+    for (const auto& t : tensors) {
+      const auto b = record_bytes(t);
+      if (t.storage_key == 0) {
+        total += b;
+      } else {
+        auto& s = storages[t.storage_key];
+        s = std::max({s, b, t.storage_bytes});
+      }
+    }
+    for (const auto& [key, b] : storages) total += b;
+    return total;
+  }
+
+ private:
+  static std::vector<unit> merge_tied(std::vector<unit> units, std::span<const std::pair<std::size_t, std::size_t>> ties) {
+    detail::unit_union uf(units.size());
+    for (auto [a, b] : ties) uf.join(a, b);
+    std::vector<unit> merged;
+    std::vector<std::size_t> slot(units.size(), SIZE_MAX);
+    for (std::size_t i = 0; i < units.size(); ++i) {
+      const std::size_t root = uf.find(i);
+      if (root == i) {
+        slot[i] = merged.size();
+        merged.push_back(std::move(units[i]));
+      } else {
+        auto& target = merged[slot[root]];
+        for (auto& t : units[i].tensors) target.tensors.push_back(std::move(t));
+      }
+    }
+    return merged;
+  }
+
+  std::vector<unit> units_;
+};
+
+}  // namespace distorch::inline v0
