@@ -1,0 +1,44 @@
+#pragma once
+// The distorch command-line program's small framework. Each command lives in its own .cpp and
+// registers itself with a `command_registration` object; main.cpp owns parsing, the error policy
+// and the exit codes (0 ok, 1 bad input, 2 internal error).
+
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+namespace distorch::cli {
+
+enum exit_code : int { exit_ok = 0, exit_bad_input = 1, exit_internal = 2 };
+
+/// A command's body runs after parsing and returns its exit code. Throwing a distorch::error
+/// means bad input (exit 1); any other exception is an internal error (exit 2).
+struct command {
+  std::string name;
+  int order = 100;  // position in --help
+  std::function<void(CLI::App& parent, std::function<void(std::function<int()>)> set_action)> add;
+};
+
+inline std::vector<command>& command_list() {
+  static std::vector<command> list;
+  return list;
+}
+
+struct command_registration {
+  explicit command_registration(command c) { command_list().push_back(std::move(c)); }
+};
+
+/// Bad command-line input that is not a distorch::error (a missing file argument, ...).
+struct usage_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// True when stdout is a terminal (progress bars only then).
+inline bool stdout_is_terminal() { return ::isatty(STDOUT_FILENO) == 1; }
+inline bool stderr_is_terminal() { return ::isatty(STDERR_FILENO) == 1; }
+
+}  // namespace distorch::cli
