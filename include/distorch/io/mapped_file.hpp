@@ -44,7 +44,9 @@ class mapped_file {
     const auto size = static_cast<std::size_t>(st.st_size);
     void* data = nullptr;
     if (size > 0) {
-      data = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+      // Private and writable: a tensor view written by mistake gets its own copy-on-write page and
+      // never reaches the file or another process.
+      data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
       if (data == MAP_FAILED) {
         ::close(fd);
         throw_errno("mapping file", path, "check free address space and file permissions");

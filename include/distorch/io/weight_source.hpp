@@ -1,0 +1,51 @@
+#pragma once
+/// \file
+/// `weight_source`: the one interface every weight file reader implements (safetensors, sharded
+/// safetensors, GGUF, PyTorch zip). It lists tensor records from headers alone and loads one
+/// tensor at a time as a CPU tensor, zero-copy over the file mapping where the bytes allow it.
+/// The runtime, the LoRA loader and the CLI use files only through this interface.
+///
+/// Example:
+/// \code
+///   std::unique_ptr<distorch::weight_source> src = distorch::open_weights("model.safetensors");
+///   for (const auto& record : src->records()) std::cout << record.name << '\n';
+///   at::Tensor w = src->load("blocks.0.attn.qkv.weight");   // CPU tensor, shares the mapping
+/// \endcode
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "distorch/core/error.hpp"
+#include "distorch/model/inventory.hpp"
+
+namespace distorch::inline v0 {
+
+class weight_source {
+ public:
+  virtual ~weight_source() = default;
+
+  /// "safetensors", "safetensors-index", "gguf", "torch-zip".
+  virtual std::string format() const = 0;
+  /// The path it was opened from.
+  virtual const std::string& path() const = 0;
+  /// Every tensor, in the file's model order, from headers alone (no tensor data read).
+  virtual const std::vector<tensor_record>& records() const = 0;
+  /// File-level metadata as strings (safetensors `__metadata__`, GGUF key/values printed).
+  virtual const std::map<std::string, std::string>& metadata() const = 0;
+  /// Loads one tensor on the CPU in its stored dtype (GGUF quantized types: dequantized to
+  /// float32). Throws `format_error` naming the tensor when it is unknown or cannot be
+  /// materialized.
+  virtual at::Tensor load(const std::string& name) const = 0;
+
+  /// True when a tensor of that name exists.
+  bool contains(const std::string& name) const {
+    for (const auto& r : records())
+      if (r.name == name) return true;
+    return false;
+  }
+};
+
+}  // namespace distorch::inline v0
