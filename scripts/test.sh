@@ -32,14 +32,14 @@ if ! meson compile -C "$build" -j "$jobs"; then
   echo "build failed"; echo "0 passed, 1 failed"; exit 1
 fi
 echo "== running tests"
-meson test -C "$build" --num-processes "$jobs" --print-errorlogs --timeout-multiplier 3 || status=1
+meson test -C "$build" --num-processes "$jobs" --print-errorlogs --timeout-multiplier 10 || status=1
 
 logs=("$build/meson-logs/testlog.json")
 echo "== building fuzz targets (clang-16, libFuzzer)"
 if CXX=clang++-16 configure "$fuzz_build" -Dtorch=disabled -Dtests=false -Dbenchmarks=false -Dexamples=false \
      -Dtools=false -Dfuzzers=true -Dfuzz_seconds="$fuzz_seconds" -Dbuildtype=debugoptimized \
    && meson compile -C "$fuzz_build" -j "$jobs"; then
-  meson test -C "$fuzz_build" --num-processes 1 --print-errorlogs --timeout-multiplier 3 || status=1
+  meson test -C "$fuzz_build" --num-processes 1 --print-errorlogs --timeout-multiplier 10 || status=1
   logs+=("$fuzz_build/meson-logs/testlog.json")
 else
   echo "fuzz build failed"; status=1

@@ -84,3 +84,16 @@ TEST_CASE("from_records handles 100k records quickly enough to be used by the pl
   CHECK(inv.size() == 100000);
   CHECK(inv.total_bytes() == 100000ull * 128);
 }
+
+TEST_CASE("grouping rules go through the user-regex limits") {
+  const auto records = sample_records();
+  for (const char* bad : {"blocks\\2221", "(((((((((((((((((a)))))))))))))))))", "a{40}b{40}", ""}) {
+    CAPTURE(bad);
+    const distorch::grouping_rule rules[] = {{bad}};
+    CHECK_THROWS_AS(inventory::from_records(records, rules), distorch::allocation_error);
+  }
+  // A pattern that backtracks exponentially in the default matcher still finishes.
+  const distorch::grouping_rule slow[] = {{"(a*)*b"}};
+  std::vector<tensor_record> long_name{{std::string(40, 'a') + ".w", dtype::f32, {1}}};
+  CHECK(inventory::from_records(long_name, slow).size() == 1);
+}

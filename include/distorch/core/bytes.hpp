@@ -59,6 +59,9 @@ inline std::uint64_t byte_unit_multiplier(std::string_view unit) noexcept {
   return 0;
 }
 
+// 128-bit intermediate so a size times its unit multiplier can be checked for 64-bit overflow.
+__extension__ using uint128 = unsigned __int128;
+
 inline constexpr std::string_view byte_size_fix = "write a size such as 2.5gb, 500mb, 1024k, 4096b or 7";
 
 }  // namespace detail
@@ -84,16 +87,16 @@ inline bytes_parse_result try_parse_bytes(std::string_view text) {
   std::size_t i = begin;
   if (text[i] == '-') return fail(i, "negative size", "sizes cannot be negative; write a size such as 2.5gb");
   if (text[i] == '+') ++i;
-  unsigned __int128 integer = 0;
+  detail::uint128 integer = 0;
   std::size_t integer_digits = 0;
-  constexpr unsigned __int128 limit = static_cast<unsigned __int128>(~0ull);
+  constexpr detail::uint128 limit = static_cast<detail::uint128>(~0ull);
   bool too_large = false;
   for (; i < end && text[i] >= '0' && text[i] <= '9'; ++i, ++integer_digits) {
     integer = integer * 10 + static_cast<unsigned>(text[i] - '0');
     if (integer > limit) too_large = true, integer = limit + 1;
   }
-  unsigned __int128 fraction = 0;
-  unsigned __int128 fraction_scale = 1;
+  detail::uint128 fraction = 0;
+  detail::uint128 fraction_scale = 1;
   std::size_t fraction_digits = 0;
   if (i < end && text[i] == '.') {
     ++i;
@@ -117,8 +120,8 @@ inline bytes_parse_result try_parse_bytes(std::string_view text) {
     return fail(i, "exponent notation is not accepted", "write the size with a unit instead, e.g. 1.5gb");
   const std::uint64_t multiplier = detail::byte_unit_multiplier(unit);
   if (multiplier == 0) return fail(i, "'" + std::string(unit) + "' is not a byte unit", "use b, k, kb, kib, m, mb, mib, g, gb, gib, t, tb or tib");
-  const unsigned __int128 whole = too_large ? limit + 1 : integer * multiplier;
-  const unsigned __int128 part = fraction * multiplier / fraction_scale;
+  const detail::uint128 whole = too_large ? limit + 1 : integer * multiplier;
+  const detail::uint128 part = fraction * multiplier / fraction_scale;
   if (too_large || whole > limit || whole + part > limit)
     return fail(begin, "size does not fit in 64 bits", "sizes must be below 16 EiB");
   result.value = static_cast<std::uint64_t>(whole + part);

@@ -45,8 +45,9 @@ class mapped_file {
     void* data = nullptr;
     if (size > 0) {
       // Private and writable: a tensor view written by mistake gets its own copy-on-write page and
-      // never reaches the file or another process.
-      data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+      // never reaches the file or another process. MAP_NORESERVE: a writable private mapping would
+      // otherwise be charged in full against overcommit, and files larger than RAM would not map.
+      data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
       if (data == MAP_FAILED) {
         ::close(fd);
         throw_errno("mapping file", path, "check free address space and file permissions");

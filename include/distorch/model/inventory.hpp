@@ -12,7 +12,8 @@
 ///       {"blocks.0.attn.weight", distorch::dtype::f32, {64, 64}},
 ///       {"blocks.0.mlp.weight", distorch::dtype::f32, {256, 64}},
 ///       {"head.weight", distorch::dtype::f32, {10, 64}}};
-///   auto inv = distorch::inventory::from_records(records, {distorch::grouping_rule{R"(blocks\.\d+)"}});
+///   const distorch::grouping_rule blocks[] = {{R"(blocks\.\d+)"}};
+///   auto inv = distorch::inventory::from_records(records, blocks);
 ///   inv.units().size();   // 2: "blocks.0" and "head"
 /// \endcode
 
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "distorch/core/error.hpp"
+#include "distorch/core/user_regex.hpp"
 #include "distorch/model/dtype.hpp"
 
 namespace distorch::inline v0 {
@@ -76,15 +78,7 @@ struct compiled_grouping {
 inline std::vector<compiled_grouping> compile_grouping(std::span<const grouping_rule> rules) {
   std::vector<compiled_grouping> out;
   out.reserve(rules.size());
-  for (const auto& r : rules) {
-    try {
-      out.push_back({r.pattern, std::regex(r.pattern, std::regex::ECMAScript | std::regex::optimize)});
-    } catch (const std::regex_error& e) {
-      throw allocation_error({"compiling grouping rule", r.pattern, std::nullopt,
-                              std::string("not a valid regular expression: ") + e.what(),
-                              "write an ECMAScript regex such as blocks\\.\\d+"});
-    }
-  }
+  for (const auto& r : rules) out.push_back({r.pattern, compile_user_regex(r.pattern, "compiling grouping rule")});
   return out;
 }
 
@@ -128,7 +122,8 @@ class inventory {
   /// name that appears twice.
   /// \code
   ///   auto inv = distorch::inventory::from_records(records);          // leaf-module units
-  ///   auto blocks = distorch::inventory::from_records(records, {{R"(blocks\.\d+)"}});
+  ///   const distorch::grouping_rule rules[] = {{R"(blocks\.\d+)"}};
+  ///   auto blocks = distorch::inventory::from_records(records, rules);
   /// \endcode
   static inventory from_records(std::span<const tensor_record> records, std::span<const grouping_rule> grouping = {}) {
     const auto rules = detail::compile_grouping(grouping);
