@@ -1,0 +1,112 @@
+// distorch plan: plans where every unit of a model lives, before anything is loaded, and prints
+// the plan as a table or as JSON. The model comes from a units list today (--units); other
+// sources (weight files) produce an inventory and reuse print_plan below.
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cli.hpp"
+#include "distorch/core/bytes.hpp"
+#include "distorch/device/topology.hpp"
+#include "distorch/placement/grammar.hpp"
+#include "distorch/placement/plan_io.hpp"
+#include "distorch/placement/planner.hpp"
+#include "distorch/placement/units_file.hpp"
+
+namespace {
+
+constexpr const char* plan_help = R"(Allocation strings (compatible with DisTorch2):
+  bytes     cuda:0,2.5gb;cpu,*            sizes in written order; * takes the rest (cpu if none)
+            cuda:0,500mb;cuda:1,3.0g;cpu,5gb*
+  ratio     cuda:0,25%;cpu,75%            parts of a ratio: 8%;8%;4% splits 40/40/20
+  fraction  cuda:0,0.1;cpu,0.5            fractions of each device's total memory, in [0,1]
+  vvram     cuda:0;4;cpu                  move 4 GB off the compute device onto the donors
+  auto      auto                          fill the compute device, then the other devices
+  override  blocks\.(0|1)\..*=cuda:1;...  pin units whose name matches the regex (first wins)
+
+The head of the model stays on the compute device up to its quota; the tail goes to the other
+devices, first-fit in the order written. Units below 0.01% of the model stay on the compute
+device. The compute device must also hold the streaming window (largest streamed unit x
+--prefetch) and the --reserve; otherwise planning fails and says what would fit.
+
+Units file: a JSON list in model order, e.g.
+  [{"name": "embed", "bytes": 262144}, {"name": "blocks.0.attn", "bytes": 16777216}, ...]
+
+Examples:
+  distorch plan --alloc 'cuda:0,2.5gb;cpu,*' --devices cuda:0=24GiB,cpu=64GiB --units units.json
+  distorch plan --alloc 'cuda:0;4;cpu' --devices cuda:0=8GiB,cpu=64GiB --units units.json --json
+  distorch plan --alloc 'cuda:0,25%;cpu,75%' --devices cuda:0=8GiB,cpu=64GiB --units units.json \
+                --compute cuda:0 --group 'blocks\.\d+' --prefetch 1 --reserve 1gb --strict
+Exit codes: 0 ok, 1 bad input or a plan that cannot fit, 2 internal error.
+See docs/allocation.md and docs/placement.md.)";
+
+struct plan_request {
+  std::string alloc;
+  std::string devices;
+  std::string compute;  // empty: the virtual-VRAM compute device, else the first non-CPU device
+  std::string units_file;
+  std::vector<std::string> groups;
+  std::vector<std::string> heads;
+  std::size_t prefetch = 2;
+  std::string reserve = "0";
+  std::uint32_t tiny_ppm = 100;
+  bool json = false;
+  bool strict = false;
+};
+
+distorch::device_id choose_compute(const plan_request& r, const distorch::allocation_spec& spec, const distorch::topology& topo) {
+  if (!r.compute.empty()) return distorch::device_id::parse(r.compute);
+  if (spec.mode == distorch::allocation_mode::virtual_vram) return spec.vvram_compute;
+  for (const auto& d : topo.devices)
+    if (!d.id.is_cpu()) return d.id;
+  return distorch::device_id::cpu();
+}
+
+/// Plans `model` as the request says and prints it. Every model source ends here.
+int print_plan(const distorch::inventory& model, const plan_request& r) {
+  const auto spec = distorch::parse_allocation(r.alloc);
+  const auto topo = distorch::parse_topology(r.devices);
+  // The policies check the devices against the topology themselves (and clamp or refuse in
+  // strict mode), so check_against would only repeat their warnings here.
+  distorch::planner_options options;
+  options.prefetch_depth = r.prefetch;
+  options.reserve = distorch::parse_bytes(r.reserve);
+  options.strict = r.strict;
+  options.tiny_ppm = r.tiny_ppm;
+  options.head_rules = r.heads;
+  const auto plan = distorch::make_plan(model, topo, choose_compute(r, spec, topo), distorch::policy_from_spec(spec), options);
+  if (r.json)
+    std::cout << distorch::plan_to_json(plan).dump(2) << '\n';
+  else
+    std::cout << distorch::format_plan_table(plan);
+  return distorch::cli::exit_ok;
+}
+
+distorch::cli::command_registration plan_command{{"plan", 30, [](CLI::App& app, auto set_action) {
+  auto r = std::make_shared<plan_request>();
+  auto* sub = app.add_subcommand("plan", "Plan where each unit of a model lives, before loading anything");
+  sub->add_option("--alloc", r->alloc, "Allocation string, e.g. 'cuda:0,2.5gb;cpu,*'")->required();
+  sub->add_option("--devices", r->devices, "Device topology, e.g. cuda:0=24GiB,cuda:1=12GiB,cpu=64GiB")->required();
+  sub->add_option("--compute", r->compute, "Compute device (default: the virtual-VRAM one, else the first non-CPU device)");
+  sub->add_option("--units", r->units_file, "JSON list of {\"name\", \"bytes\"} in model order");
+  sub->add_option("--group", r->groups, "Regex coarsening units, e.g. 'blocks\\.\\d+' (repeatable)");
+  sub->add_option("--head", r->heads, "Regex of head units kept on the compute device, e.g. 'embed|wte|wpe' (repeatable)");
+  sub->add_option("--prefetch", r->prefetch, "Units fetched ahead; the window is largest streamed unit x this (default 2)");
+  sub->add_option("--reserve", r->reserve, "Bytes the compute device keeps free for activations, e.g. 1.5gb (default 0)");
+  sub->add_option("--tiny-ppm", r->tiny_ppm, "Units below this many millionths of the model stay on compute (default 100 = 0.01%)");
+  sub->add_flag("--json", r->json, "Print the plan as JSON");
+  sub->add_flag("--strict", r->strict, "Asking a device for more than it has is an error, not a clamped warning");
+  sub->footer(plan_help);
+  sub->callback([r, set_action] {
+    set_action([r] {
+      std::vector<distorch::grouping_rule> grouping;
+      for (const auto& g : r->groups) grouping.push_back({g});
+      if (r->units_file.empty()) throw distorch::cli::usage_error("plan needs a model: give --units FILE.json");
+      return print_plan(distorch::read_units_file(r->units_file, grouping), *r);
+    });
+  });
+}}};
+
+}  // namespace
