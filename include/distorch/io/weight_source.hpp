@@ -14,7 +14,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,6 +24,14 @@
 #include "distorch/model/inventory.hpp"
 
 namespace distorch::inline v0 {
+
+/// Where a tensor's bytes sit, for tools that show file layout (`distorch inspect`).
+struct tensor_location {
+  std::string file;          ///< the file holding the bytes (a shard, for sharded checkpoints)
+  std::uint64_t offset = 0;  ///< absolute byte offset in that file
+  std::uint64_t bytes = 0;   ///< stored byte count
+  std::string stored_type;   ///< the format's own type name: "BF16", "Q4_K", ...
+};
 
 class weight_source {
  public:
@@ -39,6 +49,13 @@ class weight_source {
   /// float32). Throws `format_error` naming the tensor when it is unknown or cannot be
   /// materialized.
   virtual at::Tensor load(const std::string& name) const = 0;
+
+  /// Where a tensor's bytes sit in the file, or nullopt when the reader cannot say (or the name is
+  /// unknown). Readers override it; the default knows nothing.
+  virtual std::optional<tensor_location> locate(const std::string& name) const {
+    (void)name;
+    return std::nullopt;
+  }
 
   /// True when a tensor of that name exists.
   bool contains(const std::string& name) const {
