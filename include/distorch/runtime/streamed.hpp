@@ -1,0 +1,124 @@
+#pragma once
+/// \file
+/// `distorch::nn::Streamed<Impl>`: any LibTorch module implementation, made to report to a
+/// residency manager. C++ modules have no forward hooks, so the "before it runs" moment comes from
+/// inheritance: `Streamed<Impl>::forward` stages the module's units, calls `Impl::forward`, and
+/// releases them. Its `forward` has exactly `Impl::forward`'s signature (a partial specialization
+/// on `decltype(&Impl::forward)`), so `AnyModule`, `Sequential` and `FORWARD_HAS_DEFAULT_ARGS`
+/// keep working. Unattached, it is `Impl` plus one pointer check per call.
+///
+/// Default arguments are not part of a function type, so a direct call must spell every argument
+/// out (`lstm->forward(x, {})`); `Sequential` and `AnyModule` fill defaults in as before.
+///
+/// Example:
+/// \code
+///   using MyLinear = torch::nn::ModuleHolder<distorch::nn::Streamed<torch::nn::LinearImpl>>;
+///   MyLinear fc(64, 64);          // same constructors as torch::nn::Linear
+///   auto y = fc(x);               // streams when a DistributedModule owns it
+///   torch::nn::Sequential seq(fc, torch::nn::ReLU());
+/// \endcode
+
+#include <cstddef>
+#include <memory>
+#include <ostream>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include "distorch/runtime/residency.hpp"
+
+namespace distorch::inline v0 {
+namespace nn {
+
+/// The non-template side of every `Streamed<Impl>`: found with `dynamic_cast` when a distributed
+/// module attaches its residency manager.
+class streamed_module {
+ public:
+  virtual ~streamed_module() = default;
+
+  /// Makes forward stage `units` of `manager` around each call.
+  /// \code layer->attach_residency(manager, {3}); \endcode
+  void attach_residency(std::weak_ptr<residency_manager> manager, std::vector<std::size_t> units) {
+    manager_ = std::move(manager);
+    units_ = std::move(units);
+  }
+  void detach_residency() noexcept {
+    manager_.reset();
+    units_.clear();
+  }
+  bool residency_attached() const noexcept { return !manager_.expired(); }
+  const std::vector<std::size_t>& residency_units() const noexcept { return units_; }
+
+ protected:
+  /// Holds the units entered for one call; leaving happens in the destructor, also on exceptions.
+  class entry {
+   public:
+    entry() = default;
+    entry(std::shared_ptr<residency_manager> manager, const std::vector<std::size_t>* units)
+        : manager_(std::move(manager)), units_(units) {
+      if (!manager_) return;
+      for (; entered_ < units_->size(); ++entered_) manager_->enter((*units_)[entered_]);
+    }
+    entry(const entry&) = delete;
+    entry& operator=(const entry&) = delete;
+    ~entry() {
+      if (!manager_) return;
+      while (entered_ > 0) manager_->leave((*units_)[--entered_]);
+    }
+
+   private:
+    std::shared_ptr<residency_manager> manager_;
+    const std::vector<std::size_t>* units_ = nullptr;
+    std::size_t entered_ = 0;
+  };
+
+  entry enter_units() { return entry(manager_.lock(), &units_); }
+
+ private:
+  std::weak_ptr<residency_manager> manager_;
+  std::vector<std::size_t> units_;
+};
+
+/// Primary template: selected only when `Impl::forward` is not a single member function, which
+/// `Streamed` cannot wrap (the same rule `AnyModule` has).
+template <class Impl, class Forward = decltype(&Impl::forward)>
+class Streamed {
+  static_assert(sizeof(Impl) == 0,
+                "distorch::nn::Streamed<Impl>: Impl::forward must be one non-template, non-overloaded member function");
+};
+
+/// `Impl` whose forward stages its units first. See the file comment.
+/// \code
+///   torch::nn::ModuleHolder<distorch::nn::Streamed<torch::nn::Conv2dImpl>> conv(torch::nn::Conv2dOptions(3, 8, 3));
+/// \endcode
+template <class Impl, class Owner, class Result, class... Args>
+class Streamed<Impl, Result (Owner::*)(Args...)> : public Impl, public streamed_module {
+ public:
+  using Impl::Impl;
+  Result forward(Args... args) {
+    auto staged = enter_units();
+    return Impl::forward(std::forward<Args>(args)...);
+  }
+};
+
+/// Same for an `Impl::forward` declared `const`.
+template <class Impl, class Owner, class Result, class... Args>
+class Streamed<Impl, Result (Owner::*)(Args...) const> : public Impl, public streamed_module {
+ public:
+  using Impl::Impl;
+  Result forward(Args... args) const {
+    auto staged = const_cast<Streamed*>(this)->enter_units();
+    return Impl::forward(std::forward<Args>(args)...);
+  }
+};
+
+/// `ModuleHolder` of a streamed implementation: what the one-line aliases in runtime/layers.hpp are.
+/// \code using Linear = distorch::nn::streamed_holder<torch::nn::LinearImpl>; \endcode
+template <class Impl>
+using streamed_holder = torch::nn::ModuleHolder<Streamed<Impl>>;
+
+}  // namespace nn
+}  // namespace distorch::inline v0

@@ -1,0 +1,80 @@
+#pragma once
+/// \file
+/// The allocator protocol the runtime uses for every tensor it places, fetches or stages, and the
+/// default model of it. An allocator copies a tensor onto a pool device and books the bytes there;
+/// the booking travels with the copy (`held_tensor`), so dropping the copy's holder gives the
+/// bytes back. A LibTorch allocation failure (out of memory) becomes a `device_error`.
+///
+/// The protocol (`unit_allocator`):
+/// - `a.copy_to(source, pool, target, request)` returns a `held_tensor` whose `data` lives on
+///   `target.torch_device`, bit-identical to `source`, and whose `booked` holds the bytes on
+///   `target`'s books. It throws a distorch::error and leaves nothing booked on failure.
+///
+/// Example:
+/// \code
+///   distorch::booked_copy_allocator alloc;
+///   auto held = alloc.copy_to(weight, pool, pool.at(distorch::device_id::sim(0)), {.doing = "fetching fc1"});
+///   held.data;            // a separate copy, accounted on sim:0
+///   held.booked.bytes();  // weight.nbytes()
+/// \endcode
+
+#include <concepts>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include "distorch/core/bytes.hpp"
+#include "distorch/core/error.hpp"
+#include "distorch/device/byte_budget.hpp"
+#include "distorch/runtime/device_pool.hpp"
+
+namespace distorch::inline v0 {
+
+/// A tensor copy together with the bytes booked for it.
+struct held_tensor {
+  at::Tensor data;
+  reservation booked;
+};
+
+/// How a copy is made.
+struct copy_request {
+  bool pinned = false;        ///< host copy in page-locked memory (only for a stream device to read)
+  bool non_blocking = false;  ///< queue on the current stream instead of waiting
+  std::string_view doing = "copying tensor";
+};
+
+/// The allocator protocol; see the file comment.
+template <class A>
+concept unit_allocator = requires(const A& a, const at::Tensor& t, const device_pool& pool, const pool_device& d,
+                                  const copy_request& r) {
+  { a.copy_to(t, pool, d, r) } -> std::same_as<held_tensor>;
+};
+
+/// Default allocator: books on the pool, then allocates through LibTorch's allocator for the
+/// device (the caching allocator on CUDA, pinned host memory when asked).
+struct booked_copy_allocator {
+  /// \code auto held = distorch::booked_copy_allocator{}.copy_to(t, pool, pool.at(id), {}); \endcode
+  held_tensor copy_to(const at::Tensor& source, const device_pool& pool, const pool_device& target,
+                      const copy_request& request) const {
+    const auto bytes = static_cast<std::uint64_t>(source.numel()) * source.element_size();
+    reservation booked = pool.reserve(target.id, bytes, request.doing);
+    at::Tensor out;
+    try {
+      out = at::empty(source.sizes(), source.options().device(target.torch_device).pinned_memory(request.pinned));
+      out.copy_(source, request.non_blocking);
+    } catch (const c10::Error& e) {
+      throw device_error({std::string(request.doing), target.id.str(), std::nullopt,
+                          "LibTorch could not allocate " + format_bytes(bytes) + ": " + e.what_without_backtrace(),
+                          "place less on " + target.id.str() + " or free memory there"});
+    }
+    return {std::move(out), std::move(booked)};
+  }
+};
+
+static_assert(unit_allocator<booked_copy_allocator>);
+
+}  // namespace distorch::inline v0
