@@ -1,6 +1,6 @@
 // distorch plan: plans where every unit of a model lives, before anything is loaded, and prints
-// the plan as a table or as JSON. The model comes from a units list today (--units); other
-// sources (weight files) produce an inventory and reuse print_plan below.
+// the plan as a table or as JSON. The model comes from a units list (--units) or from a weight
+// file's headers (--model: safetensors, index.json, GGUF, .bin/.pt); no tensor data is read.
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -10,6 +10,7 @@
 #include "cli.hpp"
 #include "distorch/core/bytes.hpp"
 #include "distorch/device/topology.hpp"
+#include "distorch/io/file_inventory.hpp"
 #include "distorch/placement/grammar.hpp"
 #include "distorch/placement/plan_io.hpp"
 #include "distorch/placement/planner.hpp"
@@ -37,6 +38,7 @@ Units file: a JSON list in model order, e.g.
 Examples:
   distorch plan --alloc 'cuda:0,2.5gb;cpu,*' --devices cuda:0=24GiB,cpu=64GiB --units units.json
   distorch plan --alloc 'cuda:0;4;cpu' --devices cuda:0=8GiB,cpu=64GiB --units units.json --json
+  distorch plan --alloc 'cuda:0,8gb;cpu,*' --devices cuda:0=24GiB,cpu=64GiB --model model.safetensors --group 'blocks\.\d+'
   distorch plan --alloc 'cuda:0,25%;cpu,75%' --devices cuda:0=8GiB,cpu=64GiB --units units.json \
                 --compute cuda:0 --group 'blocks\.\d+' --prefetch 1 --reserve 1gb --strict
 Exit codes: 0 ok, 1 bad input or a plan that cannot fit, 2 internal error.
@@ -47,6 +49,7 @@ struct plan_request {
   std::string devices;
   std::string compute;  // empty: the virtual-VRAM compute device, else the first non-CPU device
   std::string units_file;
+  std::string model_file;
   std::vector<std::string> groups;
   std::vector<std::string> heads;
   std::size_t prefetch = 2;
@@ -90,7 +93,9 @@ distorch::cli::command_registration plan_command{{"plan", 30, [](CLI::App& app, 
   sub->add_option("--alloc", r->alloc, "Allocation string, e.g. 'cuda:0,2.5gb;cpu,*'")->required();
   sub->add_option("--devices", r->devices, "Device topology, e.g. cuda:0=24GiB,cuda:1=12GiB,cpu=64GiB")->required();
   sub->add_option("--compute", r->compute, "Compute device (default: the virtual-VRAM one, else the first non-CPU device)");
-  sub->add_option("--units", r->units_file, "JSON list of {\"name\", \"bytes\"} in model order");
+  auto* units = sub->add_option("--units", r->units_file, "JSON list of {\"name\", \"bytes\"} in model order");
+  sub->add_option("--model", r->model_file, "Weight file read for its headers only: .safetensors, model.safetensors.index.json, .gguf, .bin/.pt")
+      ->excludes(units);
   sub->add_option("--group", r->groups, "Regex coarsening units, e.g. 'blocks\\.\\d+' (repeatable)");
   sub->add_option("--head", r->heads, "Regex of head units kept on the compute device, e.g. 'embed|wte|wpe' (repeatable)");
   sub->add_option("--prefetch", r->prefetch, "Units fetched ahead; the window is largest streamed unit x this (default 2)");
@@ -103,7 +108,8 @@ distorch::cli::command_registration plan_command{{"plan", 30, [](CLI::App& app, 
     set_action([r] {
       std::vector<distorch::grouping_rule> grouping;
       for (const auto& g : r->groups) grouping.push_back({g});
-      if (r->units_file.empty()) throw distorch::cli::usage_error("plan needs a model: give --units FILE.json");
+      if (!r->model_file.empty()) return print_plan(distorch::inventory_of_file(r->model_file, grouping), *r);
+      if (r->units_file.empty()) throw distorch::cli::usage_error("plan needs a model: give --units FILE.json or --model FILE");
       return print_plan(distorch::read_units_file(r->units_file, grouping), *r);
     });
   });
