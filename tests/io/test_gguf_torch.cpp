@@ -11,6 +11,8 @@
 
 #include <doctest/doctest.h>
 
+#include "support/test_files.hpp"
+
 #include <unistd.h>
 
 #include <cmath>
@@ -25,25 +27,10 @@
 
 namespace {
 
+using distorch_test::temp_dir;
+using distorch_test::python;
+
 namespace fs = std::filesystem;
-
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    std::string pattern = (fs::temp_directory_path() / "distorch-gguf-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~temp_dir() { fs::remove_all(path); }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
-
-std::string python() {
-  const char* p = std::getenv("DISTORCH_PYTHON");
-  return p != nullptr ? p : "/usr/bin/python3";
-}
 
 // `write DIR`: DIR/model.gguf (GGUF v3, alignment 32) and DIR/misaligned.gguf (alignment 1, an F32
 // tensor at an offset that is not a multiple of 4), plus DIR/<tensor>.f64 with expected values.
@@ -146,7 +133,7 @@ print('OK')
 )PY";
 
 struct fixture {
-  temp_dir dir;
+  temp_dir dir{"gguf"};
   fixture() {
     {
       std::ofstream script(dir / "write_gguf.py");
@@ -353,7 +340,7 @@ TEST_CASE("gguf_source: a tensor misaligned for its dtype (general.alignment 1) 
 }
 
 TEST_CASE("gguf_source: a malformed file is a format_error naming the path") {
-  temp_dir dir;
+  temp_dir dir{"gguf"};
   const std::string path = dir / "bad.gguf";
   {
     std::ofstream out(path, std::ios::binary);

@@ -2,6 +2,8 @@
 // LibTorch). Files are hand-built byte vectors: an 8-byte little-endian length, JSON, data.
 #include <doctest/doctest.h>
 
+#include "support/test_files.hpp"
+
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -15,6 +17,8 @@
 #include "distorch/io/safetensors_writer.hpp"
 
 namespace {
+
+using distorch_test::temp_dir;
 
 using bytes_t = std::vector<std::byte>;
 
@@ -46,17 +50,6 @@ distorch::error_info rejection(const bytes_t& file) {
   FAIL("the file was accepted");
   return {};
 }
-
-struct temp_dir {
-  std::filesystem::path path;
-  temp_dir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "distorch-st-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~temp_dir() { std::filesystem::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
 
 }  // namespace
 
@@ -405,7 +398,7 @@ TEST_CASE("the writer rejects duplicate names, wrong byte counts, reserved names
 }
 
 TEST_CASE("write_safetensors replaces the file atomically; an old mapping keeps its bytes") {
-  temp_dir dir;
+  temp_dir dir{"st"};
   const auto path = dir / "model.safetensors";
   const std::vector<float> first{1, 2, 3, 4};
   const std::vector<float> second{9, 8};
@@ -430,7 +423,7 @@ TEST_CASE("write_safetensors replaces the file atomically; an old mapping keeps 
 }
 
 TEST_CASE("a failed write leaves the target untouched and no temporary file") {
-  temp_dir dir;
+  temp_dir dir{"st"};
   const auto path = dir / "keep.safetensors";
   const std::vector<float> v{1, 2};
   distorch::safetensors_entry good{"w", distorch::dtype::f32, {2}, std::as_bytes(std::span(v))};

@@ -19,6 +19,8 @@
 
 #include <doctest/doctest.h>
 
+#include "support/test_files.hpp"
+
 #include <unistd.h>
 
 #include <cstdlib>
@@ -31,28 +33,11 @@
 
 namespace {
 
+using distorch_test::temp_dir;
+using distorch_test::python;
+using distorch_test::read_file;
+
 namespace fs = std::filesystem;
-
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    std::string pattern = (fs::temp_directory_path() / "distorch-stt-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~temp_dir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
-
-std::string python() {
-  const char* p = std::getenv("DISTORCH_PYTHON");
-  return p != nullptr ? p : "/usr/bin/python3";
-}
-
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 void write_all(const std::string& path, std::string_view bytes) {
   std::ofstream out(path, std::ios::binary);
@@ -136,7 +121,7 @@ std::string run_reference(const temp_dir& dir, const std::string& mode, const st
   const std::string out = dir / "python.out";
   const std::string cmd = python() + " " + (dir / "reference.py") + " " + mode + " " + target + " > " + out + " 2>&1";
   const int rc = std::system(cmd.c_str());
-  const auto text = read_all(out);
+  const auto text = read_file(out);
   INFO(text);
   REQUIRE(rc == 0);
   return text;
@@ -144,7 +129,7 @@ std::string run_reference(const temp_dir& dir, const std::string& mode, const st
 
 /// float64 reference values written by Python for one tensor.
 std::vector<double> reference_values(const temp_dir& dir, const std::string& name) {
-  const auto bytes = read_all(dir / (name + ".f64"));
+  const auto bytes = read_file(dir / (name + ".f64"));
   std::vector<double> v(bytes.size() / 8);
   std::memcpy(v.data(), bytes.data(), v.size() * 8);
   return v;
@@ -170,7 +155,7 @@ const std::vector<std::string> reference_names{"layers.0.weight", "layers.0.bias
 }  // namespace
 
 TEST_CASE("a file written by Python from the spec loads with exact values, dtypes and metadata") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   run_reference(dir, "write", dir.path.string());
   distorch::safetensors_source src(dir / "ref.safetensors");
   CHECK(src.format() == "safetensors");
@@ -195,7 +180,7 @@ TEST_CASE("a file written by Python from the spec loads with exact values, dtype
 }
 
 TEST_CASE("aligned tensors are zero-copy views; misaligned ones are copies with the same values") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   run_reference(dir, "write", dir.path.string());
   distorch::safetensors_source src(dir / "ref.safetensors");
   // Python padded the header to 8, so the first tensor (F32 at buffer offset 0) is aligned and
@@ -220,9 +205,9 @@ TEST_CASE("aligned tensors are zero-copy views; misaligned ones are copies with 
 }
 
 TEST_CASE("a view keeps the mapping alive after its source is gone, and writes never reach the file") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   run_reference(dir, "write", dir.path.string());
-  const auto before = read_all(dir / "ref.safetensors");
+  const auto before = read_file(dir / "ref.safetensors");
   at::Tensor w;
   {
     distorch::safetensors_source src(dir / "ref.safetensors");
@@ -231,13 +216,13 @@ TEST_CASE("a view keeps the mapping alive after its source is gone, and writes n
   CHECK(values_of(w) == reference_values(dir, "layers.0.weight"));
   w.fill_(7.0);  // copy-on-write page: private to this process
   CHECK(values_of(w) == std::vector<double>(15, 7.0));
-  CHECK(read_all(dir / "ref.safetensors") == before);
+  CHECK(read_file(dir / "ref.safetensors") == before);
   distorch::safetensors_source again(dir / "ref.safetensors");
   CHECK(values_of(again.load("layers.0.weight")) == reference_values(dir, "layers.0.weight"));
 }
 
 TEST_CASE("replacing a file with the writer leaves tensors viewing the old file intact") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   const auto path = dir / "m.safetensors";
   distorch::save_safetensors(path, {{"w", at::arange(16, at::kFloat)}});
   distorch::safetensors_source old_src(path);
@@ -255,7 +240,7 @@ TEST_CASE("replacing a file with the writer leaves tensors viewing the old file 
 }
 
 TEST_CASE("files written by distorch pass Python's independent check of layout and bytes") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   run_reference(dir, "write", dir.path.string());
   distorch::safetensors_source src(dir / "ref.safetensors");
   std::vector<std::pair<std::string, at::Tensor>> tensors;
@@ -267,7 +252,7 @@ TEST_CASE("files written by distorch pass Python's independent check of layout a
 }
 
 TEST_CASE("save_safetensors writes non-contiguous tensors in logical order and rejects dtypes the format lacks") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   const auto t = at::arange(6, at::kFloat).reshape({2, 3}).t();
   distorch::save_safetensors(dir / "t.safetensors", {{"t", t}});
   distorch::safetensors_source src(dir / "t.safetensors");
@@ -280,7 +265,7 @@ TEST_CASE("save_safetensors writes non-contiguous tensors in logical order and r
 }
 
 TEST_CASE("float8 and sub-byte tensors parse; materializing them where LibTorch lacks the dtype is a format_error") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   const auto path = dir / "f8.safetensors";
   write_all(path, st_file(R"({"f8":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]},)"
                           R"("f4":{"dtype":"F4","shape":[4],"data_offsets":[4,6]}})",
@@ -312,7 +297,7 @@ TEST_CASE("float8 and sub-byte tensors parse; materializing them where LibTorch 
 }
 
 TEST_CASE("open_weights picks the reader from the content and says clearly what it cannot read") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   distorch::save_safetensors(dir / "a.weights", {{"w", at::ones({2})}});  // no telling extension
   auto src = distorch::open_weights(dir / "a.weights");
   CHECK(src->format() == "safetensors");
@@ -339,7 +324,7 @@ TEST_CASE("open_weights picks the reader from the content and says clearly what 
 }
 
 TEST_CASE("a sharded checkpoint opens as one source through its index") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   fs::create_directory(dir.path / "sub");
   distorch::save_safetensors(dir / "model-00001-of-00002.safetensors",
                              {{"blocks.0.w", at::arange(4, at::kFloat)}, {"embed.w", at::ones({3})}}, {{"format", "pt"}});
@@ -379,7 +364,7 @@ TEST_CASE("a sharded checkpoint opens as one source through its index") {
 }
 
 TEST_CASE("inventory_of_file reads headers only and groups like a module inventory") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   distorch::save_safetensors(dir / "m.safetensors", {{"blocks.0.attn.w", at::ones({4, 4})},
                                                      {"blocks.0.mlp.w", at::ones({8, 4})},
                                                      {"blocks.1.attn.w", at::ones({4, 4})},
@@ -458,7 +443,7 @@ bool all_zero(Net& net) {
 }  // namespace
 
 TEST_CASE("load_state_dict strips a prefix and fills parameters and buffers in place") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   const auto ckpt = net_checkpoint("model.diffusion_model.");
   distorch::save_safetensors(dir / "n.safetensors", ckpt);
   Net net;
@@ -486,7 +471,7 @@ TEST_CASE("load_state_dict strips a prefix and fills parameters and buffers in p
 }
 
 TEST_CASE("load_state_dict adds prefixes and skips unprefixed tensors when asked") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   auto ckpt = net_checkpoint("");
   std::vector<std::pair<std::string, at::Tensor>> file;
   for (auto& [name, t] : ckpt)
@@ -508,7 +493,7 @@ TEST_CASE("load_state_dict adds prefixes and skips unprefixed tensors when asked
 }
 
 TEST_CASE("strict load_state_dict names every missing, unexpected and mis-shaped tensor and writes nothing") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   auto ckpt = net_checkpoint("");
   ckpt.erase(ckpt.begin() + 4);                         // second.bias missing
   ckpt.emplace_back("third.weight", at::ones({1}));     // unexpected
@@ -540,7 +525,7 @@ TEST_CASE("strict load_state_dict names every missing, unexpected and mis-shaped
 }
 
 TEST_CASE("load_state_dict rejects two file tensors landing on one module tensor") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   auto ckpt = net_checkpoint("");
   ckpt.emplace_back("m.scale", at::ones({2}));
   distorch::save_safetensors(dir / "d.safetensors", ckpt);
@@ -554,7 +539,7 @@ TEST_CASE("load_state_dict rejects two file tensors landing on one module tensor
 }
 
 TEST_CASE("load_state_dict casts floating tensors to a requested dtype, keeping identity") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   distorch::save_safetensors(dir / "c.safetensors", net_checkpoint(""));
   Net net;
   auto* impl = net.second->weight.unsafeGetTensorImpl();
@@ -570,7 +555,7 @@ TEST_CASE("load_state_dict casts floating tensors to a requested dtype, keeping 
 }
 
 TEST_CASE("a tensor that cannot be materialized fails the load before anything is written") {
-  temp_dir dir;
+  temp_dir dir{"stt"};
   // Every Net tensor present as F32, plus "scale" stored as a sub-byte kind LibTorch cannot hold.
   auto ckpt = net_checkpoint("");
   ckpt.pop_back();

@@ -6,6 +6,8 @@
 
 #include <doctest/doctest.h>
 
+#include "support/test_files.hpp"
+
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -14,6 +16,8 @@
 #include <vector>
 
 namespace {
+
+using distorch_test::temp_dir;
 
 using distorch::device_id;
 using nlohmann::json;
@@ -51,21 +55,6 @@ void check_bad_units(const std::string& text, const std::string& field, const st
     CHECK_MESSAGE(e.info().problem.find(part) != std::string::npos, e.what());
   }
 }
-
-/// A fresh folder under /tmp, removed at scope exit.
-struct temp_dir {
-  std::filesystem::path path;
-  temp_dir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "distorch-placement-XXXXXX").string();
-    path = ::mkdtemp(pattern.data());
-  }
-  ~temp_dir() { std::filesystem::remove_all(path); }
-  std::string write(const std::string& name, const std::string& text) const {
-    const auto p = path / name;
-    std::ofstream(p) << text;
-    return p.string();
-  }
-};
 
 }  // namespace
 
@@ -216,7 +205,7 @@ TEST_CASE("malformed units lists name the field") {
 }
 
 TEST_CASE("units files: read, unreadable and invalid JSON") {
-  const temp_dir dir;
+  const temp_dir dir{"placement"};
   const auto good = dir.write("units.json", R"([{"name": "a", "bytes": 10}, {"name": "b", "bytes": 20}])");
   CHECK(distorch::read_units_file(good).total_bytes() == 30);
   CHECK_THROWS_AS(distorch::read_units_file((dir.path / "missing.json").string()), distorch::format_error);

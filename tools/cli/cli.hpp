@@ -37,6 +37,17 @@ struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// The allocation grammar in brief, shared by the --help of every command that takes --alloc.
+inline const std::string allocation_grammar_help = R"(Allocation strings (compatible with DisTorch2):
+  bytes     cuda:0,2.5gb;cpu,*            sizes in written order; * takes the rest (cpu if none)
+            cuda:0,500mb;cuda:1,3.0g;cpu,5gb*
+  ratio     cuda:0,25%;cpu,75%            parts of a ratio: 8%;8%;4% splits 40/40/20
+  fraction  cuda:0,0.1;cpu,0.5            fractions of each device's total memory, in [0,1]
+  vvram     cuda:0;4;cpu                  move 4 GB off the compute device onto the donors
+  auto      auto                          fill the compute device, then the other devices
+  override  blocks\.(0|1)\..*=cuda:1;...  pin units whose name matches the regex (first wins)
+)";
+
 /// True when stdout is a terminal (progress bars only then).
 inline bool stdout_is_terminal() { return ::isatty(STDOUT_FILENO) == 1; }
 inline bool stderr_is_terminal() { return ::isatty(STDERR_FILENO) == 1; }

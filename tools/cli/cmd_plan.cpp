@@ -18,15 +18,7 @@
 
 namespace {
 
-constexpr const char* plan_help = R"(Allocation strings (compatible with DisTorch2):
-  bytes     cuda:0,2.5gb;cpu,*            sizes in written order; * takes the rest (cpu if none)
-            cuda:0,500mb;cuda:1,3.0g;cpu,5gb*
-  ratio     cuda:0,25%;cpu,75%            parts of a ratio: 8%;8%;4% splits 40/40/20
-  fraction  cuda:0,0.1;cpu,0.5            fractions of each device's total memory, in [0,1]
-  vvram     cuda:0;4;cpu                  move 4 GB off the compute device onto the donors
-  auto      auto                          fill the compute device, then the other devices
-  override  blocks\.(0|1)\..*=cuda:1;...  pin units whose name matches the regex (first wins)
-
+const std::string plan_help = distorch::cli::allocation_grammar_help + R"(
 The head of the model stays on the compute device up to its quota; the tail goes to the other
 devices, first-fit in the order written. Units below 0.01% of the model stay on the compute
 device. The compute device must also hold the streaming window (largest streamed unit x

@@ -1,0 +1,53 @@
+#pragma once
+// Helpers shared by test files that write files: a self-removing temporary folder, the Python
+// interpreter that has torch (tests run it to write independent reference files), file reading.
+
+#include <stdlib.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <stdexcept>
+#include <string>
+
+namespace distorch_test {
+
+/// A fresh folder under the system temp folder, removed with everything in it at scope exit.
+struct temp_dir {
+  std::filesystem::path path;
+  explicit temp_dir(const std::string& tag = "test") {
+    std::string pattern = (std::filesystem::temp_directory_path() / ("distorch-" + tag + "-XXXXXX")).string();
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("cannot create a temporary folder from " + pattern);
+    path = pattern;
+  }
+  ~temp_dir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path, ignored);
+  }
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+
+  /// Path of a file inside the folder.
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+  /// Writes a text file inside the folder and returns its path.
+  std::string write(const std::string& name, const std::string& text) const {
+    const auto p = path / name;
+    std::ofstream(p, std::ios::binary) << text;
+    return p.string();
+  }
+};
+
+/// The interpreter with torch: $DISTORCH_PYTHON (set by meson test), else Debian's python3.
+inline std::string python() {
+  const char* p = std::getenv("DISTORCH_PYTHON");
+  return p != nullptr ? p : "/usr/bin/python3";
+}
+
+/// The whole content of a file ("" when it cannot be read).
+inline std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+}  // namespace distorch_test
