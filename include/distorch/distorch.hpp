@@ -16,6 +16,7 @@
 #include "distorch/core/config.hpp"
 #include "distorch/core/error.hpp"
 #include "distorch/core/log.hpp"
+#include "distorch/core/progress.hpp"
 
 #include "distorch/device/byte_budget.hpp"
 #include "distorch/device/device.hpp"
