@@ -28,7 +28,6 @@
 namespace {
 
 using distorch_test::temp_dir;
-using distorch_test::python;
 
 namespace fs = std::filesystem;
 
@@ -135,20 +134,11 @@ print('OK')
 struct fixture {
   temp_dir dir{"gguf"};
   fixture() {
-    {
-      std::ofstream script(dir / "write_gguf.py");
-      script << writer_script;
-    }
-    const std::string command = python() + " " + (dir / "write_gguf.py") + " " + dir.path.string() + " > " + (dir / "log.txt") + " 2>&1";
-    const int rc = std::system(command.c_str());
-    if (rc != 0) {
-      std::ifstream log(dir / "log.txt");
-      FAIL("the Python writer failed: " << std::string(std::istreambuf_iterator<char>(log), std::istreambuf_iterator<char>()));
-    }
+    if (distorch_test::run_python(dir, "write_gguf.py", writer_script, dir.path.string()) != 0)
+      FAIL("the Python writer failed: " << distorch_test::read_file(dir / "write_gguf.py.log"));
   }
   std::vector<double> expected(const std::string& name) const {
-    std::ifstream in(dir / (name + ".f64"), std::ios::binary);
-    const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    const std::string bytes = distorch_test::read_file(dir / (name + ".f64"));
     std::vector<double> values(bytes.size() / sizeof(double));
     std::memcpy(values.data(), bytes.data(), values.size() * sizeof(double));
     return values;

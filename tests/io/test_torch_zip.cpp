@@ -8,6 +8,8 @@
 
 #include <doctest/doctest.h>
 
+#include "support/test_files.hpp"
+
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -151,26 +153,16 @@ struct reference_tensor {
   std::string raw;
 };
 
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-std::string python() {
-  const char* p = std::getenv("DISTORCH_PYTHON");
-  return p != nullptr ? p : "/usr/bin/python3";
-}
+using distorch_test::python;
+using distorch_test::read_file;
 
 // Runs the writer once per test binary in a fresh folder, removed when the binary exits.
 struct checkpoints {
-  fs::path dir;
+  distorch_test::temp_dir folder{"torchzip"};
+  fs::path dir = folder.path;
   std::map<std::string, std::vector<reference_tensor>> manifest;
 
   checkpoints() {
-    char templ[] = "/tmp/distorch-torchzip-XXXXXX";
-    const char* made = ::mkdtemp(templ);
-    REQUIRE(made != nullptr);
-    dir = made;
     std::ofstream(dir / "writer.py") << writer_script;
     const std::string command = python() + " " + (dir / "writer.py").string() + " " + dir.string();
     REQUIRE(std::system(command.c_str()) == 0);
@@ -185,10 +177,6 @@ struct checkpoints {
       for (std::string d; std::getline(dims, d, ',');) r.shape.push_back(std::stoll(d));
       manifest[f[0]].push_back(std::move(r));
     }
-  }
-  ~checkpoints() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
   }
   std::string operator()(const std::string& name) const { return (dir / name).string(); }
 };

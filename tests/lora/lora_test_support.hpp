@@ -1,23 +1,22 @@
 #pragma once
-// Helpers shared by the LibTorch LoRA tests: seeded random tensors, float64 comparisons, a fresh
-// temporary directory, and running Debian's python3-torch.
+// Helpers shared by the LibTorch LoRA tests: seeded random tensors, float64 comparisons, adapters
+// from tensors. Temporary folders and python3-torch come from support/test_files.hpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/TensorOperators.h>
 
-#include <doctest/doctest.h>
 
-#include <cstdlib>
+#include <algorithm>
 #include <cstring>
-#include <filesystem>
 #include <map>
 #include <memory>
-#include <random>
 #include <string>
+#include <vector>
 
 #include "distorch/lora/adapter.hpp"
+#include "support/test_files.hpp"
 
 namespace lora_test {
 
@@ -48,37 +47,5 @@ inline std::shared_ptr<distorch::adapter> make_adapter(std::map<std::string, at:
 }
 
 inline at::Tensor scalar(double v) { return at::scalar_tensor(v, at::TensorOptions().dtype(at::kFloat)); }
-
-/// A fresh directory under /tmp, removed with everything in it when the object goes.
-class temp_dir {
- public:
-  temp_dir() {
-    std::random_device rd;
-    path_ = std::filesystem::temp_directory_path() / ("distorch-lora-" + std::to_string(rd()) + std::to_string(rd()));
-    std::filesystem::create_directories(path_);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  const std::filesystem::path& path() const { return path_; }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  std::filesystem::path path_;
-};
-
-inline std::string source_root() {
-  const char* root = std::getenv("DISTORCH_SOURCE_ROOT");
-  REQUIRE_MESSAGE(root != nullptr, "run through meson test (DISTORCH_SOURCE_ROOT is unset)");
-  return root;
-}
-
-inline std::string python() {
-  const char* py = std::getenv("DISTORCH_PYTHON");
-  return py != nullptr ? py : "/usr/bin/python3";
-}
 
 }  // namespace lora_test

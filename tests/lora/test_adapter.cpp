@@ -179,39 +179,39 @@ TEST_CASE("the PEFT config does not change LoHa scales") {
 // ---- loading from files --------------------------------------------------------------------------
 
 TEST_CASE("load_adapter reads a safetensors file and the adapter_config.json beside it") {
-  lora_test::temp_dir dir;
+  distorch_test::temp_dir dir("lora");
   const auto up = randn({6, 2}, 37), down = randn({2, 3}, 38);
-  distorch::save_safetensors(dir.file("adapter_model.safetensors"),
+  distorch::save_safetensors(dir / "adapter_model.safetensors",
                              {{"base_model.model.proj.lora_B.weight", up}, {"base_model.model.proj.lora_A.weight", down}});
-  auto bare = distorch::load_adapter(dir.file("adapter_model.safetensors"));
+  auto bare = distorch::load_adapter(dir / "adapter_model.safetensors");
   REQUIRE(bare.groups().size() == 1);
   CHECK(bare.groups()[0].scale == 1.0);
   CHECK(lora_test::bit_equal(bare.tensor("base_model.model.proj.lora_B.weight"), up));
   {
-    std::ofstream cfg(dir.file("adapter_config.json"));
+    std::ofstream cfg(dir / "adapter_config.json");
     cfg << R"({"peft_type": "LORA", "r": 2, "lora_alpha": 8})";
   }
-  auto with_cfg = distorch::load_adapter(dir.file("adapter_model.safetensors"));
+  auto with_cfg = distorch::load_adapter(dir / "adapter_model.safetensors");
   CHECK(with_cfg.groups()[0].scale == 4.0);
   distorch::adapter_load_options no_config;
   no_config.peft_config_beside = false;
-  auto ignored = distorch::load_adapter(dir.file("adapter_model.safetensors"), no_config);
+  auto ignored = distorch::load_adapter(dir / "adapter_model.safetensors", no_config);
   CHECK(ignored.groups()[0].scale == 1.0);
 }
 
 TEST_CASE("a broken adapter_config.json beside the file is a lora_error, not a silent scale of 1") {
-  lora_test::temp_dir dir;
-  distorch::save_safetensors(dir.file("a.safetensors"), {{"m.lora_B.weight", randn({2, 2}, 39)}, {"m.lora_A.weight", randn({2, 2}, 40)}});
+  distorch_test::temp_dir dir("lora");
+  distorch::save_safetensors(dir / "a.safetensors", {{"m.lora_B.weight", randn({2, 2}, 39)}, {"m.lora_A.weight", randn({2, 2}, 40)}});
   {
-    std::ofstream cfg(dir.file("adapter_config.json"));
+    std::ofstream cfg(dir / "adapter_config.json");
     cfg << "{\"lora_alpha\": ";
   }
-  CHECK_THROWS_AS(distorch::load_adapter(dir.file("a.safetensors")), distorch::lora_error);
+  CHECK_THROWS_AS(distorch::load_adapter(dir / "a.safetensors"), distorch::lora_error);
 }
 
 TEST_CASE("a missing adapter file is a format_error") {
-  lora_test::temp_dir dir;
-  CHECK_THROWS_AS(distorch::load_adapter(dir.file("missing.safetensors")), distorch::format_error);
+  distorch_test::temp_dir dir("lora");
+  CHECK_THROWS_AS(distorch::load_adapter(dir / "missing.safetensors"), distorch::format_error);
 }
 
 // ---- binding -----------------------------------------------------------------------------------
@@ -326,4 +326,82 @@ TEST_CASE("binding from tensor records uses their shapes and dtypes") {
   CHECK(distorch::adapter_binding::bind(ok, {{a}}).patches_for("proj.weight") != nullptr);
   std::vector<distorch::tensor_record> quantized{{"proj.weight", distorch::dtype::i8, {4, 6}}};
   CHECK_THROWS_AS(distorch::adapter_binding::bind(quantized, {{a}}), distorch::lora_error);
+}
+
+namespace {
+
+// Writes one adapter twice: as a PyTorch .bin (torch.save of a state dict, the format older PEFT
+// and kohya trainers leave behind) and as safetensors written byte by byte from the specification
+// (Debian's python3 has no safetensors module). Kohya keys with 0-d alphas and float16 factors,
+// PEFT keys in float32, and one factor saved as a view at a nonzero storage offset.
+constexpr const char* bin_adapter_script = R"PY(
+import json, struct, sys, torch
+out = sys.argv[1]
+g = torch.Generator().manual_seed(1234)
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=g).to(dtype)
+wide = randn(10, 3)
+sd = {
+    "lora_unet_down_blocks_0_proj.lora_up.weight": randn(6, 4, dtype=torch.float16),
+    "lora_unet_down_blocks_0_proj.lora_down.weight": randn(4, 5, dtype=torch.float16),
+    "lora_unet_down_blocks_0_proj.alpha": torch.tensor(2.0),
+    "base_model.model.blocks.1.attn.lora_B.weight": randn(8, 3),
+    "base_model.model.blocks.1.attn.lora_A.weight": wide[4:7],  # a view: storage offset 12
+    "base_model.model.blocks.1.mlp.lora_B.weight": randn(7, 2, dtype=torch.bfloat16),
+    "base_model.model.blocks.1.mlp.lora_A.weight": randn(2, 9, dtype=torch.bfloat16),
+}
+torch.save(sd, out + "/adapter_model.bin")
+names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+header, blobs, offset = {}, [], 0
+for key in sorted(sd):
+    t = sd[key].contiguous()
+    raw = bytes(t.reshape(-1).view(torch.uint8).tolist())
+    header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+    blobs.append(raw)
+    offset += len(raw)
+text = json.dumps(header).encode()
+text += b" " * (-len(text) % 8)
+with open(out + "/adapter_model.safetensors", "wb") as f:
+    f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+)PY";
+
+}  // namespace
+
+TEST_CASE("load_adapter reads a PyTorch .bin adapter: the same adapter as its safetensors copy") {
+  distorch_test::temp_dir dir("lora-bin");
+  const int rc = distorch_test::run_python(dir, "write_adapter.py", bin_adapter_script, dir.path.string());
+  REQUIRE_MESSAGE(rc == 0, distorch_test::read_file(dir / "write_adapter.py.log"));
+
+  const auto from_bin = distorch::load_adapter(dir / "adapter_model.bin");
+  const auto from_safetensors = distorch::load_adapter(dir / "adapter_model.safetensors");
+  REQUIRE(from_safetensors.tensors().size() == 7);
+  REQUIRE(from_bin.tensors().size() == from_safetensors.tensors().size());
+  for (const auto& [name, t] : from_safetensors.tensors()) {
+    INFO("tensor ", name);
+    REQUIRE(from_bin.tensors().count(name) == 1);
+    CHECK(lora_test::bit_equal(from_bin.tensor(name), t));
+  }
+  REQUIRE(from_safetensors.groups().size() == 3);
+  REQUIRE(from_bin.groups().size() == from_safetensors.groups().size());
+  for (std::size_t i = 0; i < from_bin.groups().size(); ++i) {
+    const auto& b = from_bin.groups()[i];
+    const auto& s = from_safetensors.groups()[i];
+    INFO("group ", s.keys.base);
+    CHECK(b.keys.base == s.keys.base);
+    CHECK((b.keys.kind == s.keys.kind));
+    CHECK(b.rows == s.rows);
+    CHECK(b.cols == s.cols);
+    CHECK(b.rank == s.rank);
+    CHECK(b.alpha == s.alpha);
+    CHECK(b.scale == s.scale);
+  }
+  CHECK(from_bin.unrecognized() == from_safetensors.unrecognized());
+  // The kohya group's scale is alpha / rank = 2 / 4, read from the 0-d alpha of each file.
+  bool saw_kohya = false;
+  for (const auto& g : from_bin.groups())
+    if (g.keys.base.find("lora_unet") != std::string::npos) {
+      saw_kohya = true;
+      CHECK(g.scale == 0.5);
+    }
+  CHECK(saw_kohya);
 }

@@ -63,9 +63,9 @@ struct reference_case {
   std::map<std::string, double> scalars;
 };
 
-std::map<std::string, reference_case> read_references(const lora_test::temp_dir& dir) {
+std::map<std::string, reference_case> read_references(const distorch_test::temp_dir& dir) {
   std::map<std::string, reference_case> cases;
-  std::ifstream manifest(dir.file("manifest.txt"));
+  std::ifstream manifest(dir / "manifest.txt");
   REQUIRE(manifest.good());
   std::string line;
   while (std::getline(manifest, line)) {
@@ -85,8 +85,7 @@ std::map<std::string, reference_case> read_references(const lora_test::temp_dir&
     for (auto& d : shape) in >> d;
     std::string file;
     in >> file;
-    std::ifstream data(dir.file(file), std::ios::binary);
-    std::vector<char> bytes((std::istreambuf_iterator<char>(data)), std::istreambuf_iterator<char>());
+    std::string bytes = distorch_test::read_file(dir / file);
     const auto type = kind == "bf16" ? at::kBFloat16 : at::kFloat;
     at::Tensor t = at::from_blob(bytes.data(), shape, at::TensorOptions().dtype(type)).clone();
     REQUIRE(static_cast<std::size_t>(t.numel() * t.element_size()) == bytes.size());
@@ -95,9 +94,9 @@ std::map<std::string, reference_case> read_references(const lora_test::temp_dir&
   return cases;
 }
 
-std::map<std::string, reference_case> python_references(const lora_test::temp_dir& dir) {
-  const std::string script = lora_test::source_root() + "/tests/lora/make_reference.py";
-  const std::string command = "OMP_NUM_THREADS=1 " + lora_test::python() + " " + script + " " + dir.path().string();
+std::map<std::string, reference_case> python_references(const distorch_test::temp_dir& dir) {
+  const std::string script = distorch_test::source_root() + "/tests/lora/make_reference.py";
+  const std::string command = "OMP_NUM_THREADS=1 " + distorch_test::python() + " " + script + " " + dir.path.string();
   REQUIRE_MESSAGE(std::system(command.c_str()) == 0, "python3-torch failed: " << command);
   return read_references(dir);
 }
@@ -122,7 +121,7 @@ std::shared_ptr<distorch::adapter> adapter_for(const std::string& name, referenc
 }  // namespace
 
 TEST_CASE("LoRA and LoHa match python3-torch's merge (exact cases bit for bit, random cases closely)") {
-  lora_test::temp_dir dir;
+  distorch_test::temp_dir dir("lora");
   auto cases = python_references(dir);
   REQUIRE(cases.size() == 7);
   for (auto& [name, c] : cases) {

@@ -28,9 +28,9 @@ std::vector<std::pair<std::string, at::Tensor>> model_tensors() {
 }  // namespace
 
 TEST_CASE("merge_to_file writes every tensor, merged exactly as in memory, with the metadata") {
-  lora_test::temp_dir dir;
+  distorch_test::temp_dir dir("lora");
   const auto tensors = model_tensors();
-  distorch::save_safetensors(dir.file("model.safetensors"), tensors, {{"format", "pt"}});
+  distorch::save_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
   auto first = make_adapter({{"lora_unet_a.lora_up.weight", randn({16, 2}, 5)}, {"lora_unet_a.lora_down.weight", randn({2, 8}, 6)},
                              {"lora_unet_a.alpha", scalar(1.0)}, {"lora_unet_a.diff_b", randn({16}, 7)}},
                             "/somewhere/first.safetensors");
@@ -39,8 +39,8 @@ TEST_CASE("merge_to_file writes every tensor, merged exactly as in memory, with 
                               {"lora_unet_a.lora_B.weight", randn({16, 1}, 12)}, {"lora_unet_a.lora_A.weight", randn({1, 8}, 13)}},
                              "second.safetensors");
   const distorch::adapter_set adapters{{first, 0.75}, {second, 1.5}};
-  const auto model = distorch::open_weights(dir.file("model.safetensors"));
-  const auto report = distorch::merge_to_file(*model, adapters, dir.file("merged.safetensors"));
+  const auto model = distorch::open_weights(dir / "model.safetensors");
+  const auto report = distorch::merge_to_file(*model, adapters, dir / "merged.safetensors");
   CHECK(report.tensors == 4);
   CHECK(report.patched == 3);
   CHECK(report.binding.unmatched.empty());
@@ -51,7 +51,7 @@ TEST_CASE("merge_to_file writes every tensor, merged exactly as in memory, with 
   distorch::patcher p(model->records(), adapters);
   distorch::patch(expected, p, at::kCPU);
 
-  const auto merged = distorch::open_weights(dir.file("merged.safetensors"));
+  const auto merged = distorch::open_weights(dir / "merged.safetensors");
   REQUIRE(merged->records().size() == 4);
   for (const auto& [name, t] : expected) {
     CAPTURE(name);
@@ -62,36 +62,36 @@ TEST_CASE("merge_to_file writes every tensor, merged exactly as in memory, with 
   CHECK(merged->metadata().at("distorch_lora") == "first.safetensors:0.75 second.safetensors:1.5");
   // Nothing but the merged file is left in the folder.
   std::size_t files = 0;
-  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path())) ++files;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path)) ++files;
   CHECK(files == 2);
 }
 
 TEST_CASE("a shape mismatch stops merge_to_file before it writes anything") {
-  lora_test::temp_dir dir;
-  distorch::save_safetensors(dir.file("model.safetensors"), model_tensors());
+  distorch_test::temp_dir dir("lora");
+  distorch::save_safetensors(dir / "model.safetensors", model_tensors());
   auto bad = make_adapter({{"lora_unet_a.lora_up.weight", randn({16, 2}, 14)}, {"lora_unet_a.lora_down.weight", randn({2, 9}, 15)}});
-  const auto model = distorch::open_weights(dir.file("model.safetensors"));
-  CHECK_THROWS_AS(distorch::merge_to_file(*model, {{bad, 1.0}}, dir.file("merged.safetensors")), distorch::lora_error);
-  CHECK_FALSE(std::filesystem::exists(dir.file("merged.safetensors")));
+  const auto model = distorch::open_weights(dir / "model.safetensors");
+  CHECK_THROWS_AS(distorch::merge_to_file(*model, {{bad, 1.0}}, dir / "merged.safetensors"), distorch::lora_error);
+  CHECK_FALSE(std::filesystem::exists(dir / "merged.safetensors"));
   std::size_t files = 0;
-  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path())) ++files;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path)) ++files;
   CHECK(files == 1);
 }
 
 TEST_CASE("unmatched keys stop merge_to_file in strict mode") {
-  lora_test::temp_dir dir;
-  distorch::save_safetensors(dir.file("model.safetensors"), model_tensors());
+  distorch_test::temp_dir dir("lora");
+  distorch::save_safetensors(dir / "model.safetensors", model_tensors());
   auto other = make_adapter({{"lora_te_x.lora_up.weight", randn({2, 2}, 16)}, {"lora_te_x.lora_down.weight", randn({2, 2}, 17)}});
-  const auto model = distorch::open_weights(dir.file("model.safetensors"));
+  const auto model = distorch::open_weights(dir / "model.safetensors");
   distorch::merge_file_options strict;
   strict.binding.strict = true;
-  CHECK_THROWS_AS(distorch::merge_to_file(*model, {{other, 1.0}}, dir.file("merged.safetensors"), strict), distorch::lora_error);
-  CHECK_FALSE(std::filesystem::exists(dir.file("merged.safetensors")));
+  CHECK_THROWS_AS(distorch::merge_to_file(*model, {{other, 1.0}}, dir / "merged.safetensors", strict), distorch::lora_error);
+  CHECK_FALSE(std::filesystem::exists(dir / "merged.safetensors"));
 }
 
 TEST_CASE("an output folder that does not exist is a format_error") {
-  lora_test::temp_dir dir;
-  distorch::save_safetensors(dir.file("model.safetensors"), model_tensors());
-  const auto model = distorch::open_weights(dir.file("model.safetensors"));
-  CHECK_THROWS_AS(distorch::merge_to_file(*model, {}, dir.file("missing/merged.safetensors")), distorch::format_error);
+  distorch_test::temp_dir dir("lora");
+  distorch::save_safetensors(dir / "model.safetensors", model_tensors());
+  const auto model = distorch::open_weights(dir / "model.safetensors");
+  CHECK_THROWS_AS(distorch::merge_to_file(*model, {}, dir / "missing/merged.safetensors"), distorch::format_error);
 }

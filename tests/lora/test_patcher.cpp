@@ -122,10 +122,10 @@ TEST_CASE("unpatch restores the kept originals bit for bit") {
 
 TEST_CASE("unpatch restores bit for bit by reloading from the model file") {
   fixture f;
-  lora_test::temp_dir dir;
+  distorch_test::temp_dir dir("lora");
   std::vector<std::pair<std::string, at::Tensor>> file(f.weights.begin(), f.weights.end());
-  distorch::save_safetensors(dir.file("model.safetensors"), file);
-  std::shared_ptr<const distorch::weight_source> source = distorch::open_weights(dir.file("model.safetensors"));
+  distorch::save_safetensors(dir / "model.safetensors", file);
+  std::shared_ptr<const distorch::weight_source> source = distorch::open_weights(dir / "model.safetensors");
   distorch::patcher p(source->records(), {{f.first, 1.0}, {f.second, 1.0}},
                       from_source(source));
   distorch::patch(f.weights, p, at::kCPU);

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <map>
 #include <random>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -308,4 +309,55 @@ TEST_CASE("override_matcher: search in unit and tensor names, first rule wins") 
   CHECK(m.match(other) == nullptr);
   CHECK_THROWS_AS(distorch::override_matcher(std::vector<distorch::override_rule>{{"(", device_id::cpu(), "", 0}}),
                   distorch::allocation_error);
+}
+
+TEST_CASE("override_matcher: same rule as plain std::regex_search on random units") {
+  // Patterns in the shapes users write: literal (decided by the prefilter alone), literal with
+  // open parts (prefilter rules names out, the regex decides), and ones the prefilter leaves.
+  const std::vector<std::string> patterns{
+      R"(blocks\.(0|1)\.)", "layer7$",         R"(^blocks\.1)",     R"(blocks\.\d+\.attn)", R"(attn\.(q|k)_proj)",
+      "mlp|norm",           R"(\.bias$)",      "(?=blocks)blocks.2", R"(layer[0-3]\b)",     R"(^(head|embed))",
+      "b.o",                R"(blocks\.1\d)", "[._]w", "proj"};
+  std::mt19937_64 rng(99);
+  const std::vector<std::string> parts{"blocks", "layer7", "layer3", "attn", "mlp", "q_proj", "k_proj", "norm",
+                                       "bias", "weight", "head", "embed", "0", "1", "2", "12"};
+  auto name = [&] {
+    std::string s;
+    const std::size_t n = 1 + rng() % 4;
+    for (std::size_t i = 0; i < n; ++i) s += (i ? (rng() % 5 == 0 ? "_" : ".") : "") + parts[rng() % parts.size()];
+    return s;
+  };
+  std::size_t matched = 0, unmatched = 0;
+  for (int round = 0; round < 40; ++round) {
+    std::vector<distorch::override_rule> rules;
+    const std::size_t rule_count = 1 + rng() % 3;
+    for (std::size_t r = 0; r < rule_count; ++r)
+      rules.push_back({patterns[rng() % patterns.size()], r % 2 ? device_id::cpu() : device_id::cuda(r), "", 0});
+    const distorch::override_matcher m(rules);
+    std::vector<std::regex> plain;
+    for (const auto& r : rules) plain.emplace_back(r.pattern, distorch::user_regex_flags);
+    for (int k = 0; k < 200; ++k) {
+      distorch::unit u{name(), {}, 16};
+      const std::size_t tensors = rng() % 3;
+      for (std::size_t t = 0; t < tensors; ++t) u.tensors.push_back({u.name + "." + name(), distorch::dtype::f32, {4}});
+      const distorch::override_rule* expected = nullptr;
+      for (std::size_t r = 0; r < rules.size() && !expected; ++r) {
+        bool hit = std::regex_search(u.name, plain[r]);
+        for (const auto& t : u.tensors) hit = hit || std::regex_search(t.name, plain[r]);
+        if (hit) expected = &rules[r];
+      }
+      const auto* got = m.match(u);
+      INFO("unit ", u.name);
+      REQUIRE((got == nullptr) == (expected == nullptr));
+      if (got) {
+        CHECK(got->pattern == expected->pattern);
+        CHECK(got->device == expected->device);
+        ++matched;
+      } else {
+        ++unmatched;
+      }
+    }
+  }
+  CHECK(matched > 0);
+  CHECK(unmatched > 0);
 }

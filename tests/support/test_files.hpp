@@ -50,4 +50,19 @@ inline std::string read_file(const std::filesystem::path& path) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
+/// The source tree, for scripts kept beside the tests: $DISTORCH_SOURCE_ROOT (set by meson test).
+inline std::string source_root() {
+  const char* root = std::getenv("DISTORCH_SOURCE_ROOT");
+  if (root == nullptr) throw std::runtime_error("DISTORCH_SOURCE_ROOT is unset: run the tests through meson test");
+  return root;
+}
+
+/// Writes `script` into `dir` as `name`, runs it with python() and `args`, and returns its exit
+/// status. Its output goes to `name`.log in `dir` (read it with read_file when it fails).
+inline int run_python(const temp_dir& dir, const std::string& name, const std::string& script, const std::string& args = "") {
+  const std::string path = dir.write(name, script);
+  const std::string command = python() + " " + path + " " + args + " > " + path + ".log 2>&1";
+  return std::system(command.c_str());
+}
+
 }  // namespace distorch_test

@@ -27,6 +27,8 @@ struct bytes_parse_result {
   std::string problem;    ///< empty on success
   std::size_t index = 0;  ///< where the problem starts
   std::string fix;
+  /// True when the text was a valid size.
+  /// \code if (auto r = distorch::try_parse_bytes("2.5gb"); r.ok()) use(r.value); \endcode
   bool ok() const noexcept { return problem.empty(); }
 };
 

@@ -73,11 +73,15 @@ inline std::string compose_error_message(std::string_view category, const error_
 /// Base of every distorch error. `what()` is one line; `info()` has the parts.
 class error : public std::runtime_error {
  public:
+  /// Composes the one-line message from `category` and the parts of `info`.
+  /// \code throw distorch::error("my_error", {"reading config", "a.json", std::nullopt, "not JSON", "fix the file"}); \endcode
   error(std::string_view category, error_info info)
       : std::runtime_error(detail::compose_error_message(category, info)),
         info_(std::move(info)),
         category_(category) {}
 
+  /// The parts of the message: doing, subject, position, problem, fix.
+  /// \code catch (const distorch::error& e) { report(e.info().subject, e.info().fix); } \endcode
   const error_info& info() const noexcept { return info_; }
   /// "allocation_error", "format_error", ...
   const std::string& category() const noexcept { return category_; }

@@ -23,8 +23,11 @@
 
 namespace distorch::inline v0 {
 
+/// How important a message is; the sink sees the level of each message.
 enum class log_level : int { debug = 0, info = 1, warning = 2, error = 3 };
 
+/// The level as a lowercase word: "debug", "info", "warning", "error".
+/// \code distorch::level_name(distorch::log_level::warning);   // "warning" \endcode
 constexpr std::string_view level_name(log_level l) noexcept {
   switch (l) {
     case log_level::debug: return "debug";
@@ -35,6 +38,7 @@ constexpr std::string_view level_name(log_level l) noexcept {
   return "?";
 }
 
+/// Receives every message at or above the level set by `set_log_level`, one call per message.
 using log_sink = std::function<void(log_level, std::string_view)>;
 
 namespace detail {

@@ -26,7 +26,9 @@ namespace distorch::inline v0 {
 
 /// Limits on user patterns. Real patterns for unit names are short and flat.
 inline constexpr std::size_t max_user_regex_length = 256;
+/// Deepest group nesting accepted; libstdc++ compiles groups recursively.
 inline constexpr std::size_t max_user_regex_nesting = 16;
+/// Largest product of {n} counts accepted; libstdc++ copies states for each repetition.
 inline constexpr std::uint64_t max_user_regex_repetition = 1024;
 
 /// libstdc++'s `__polynomial` mode matches in polynomial time and refuses backreferences, which

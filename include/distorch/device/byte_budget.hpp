@@ -37,9 +37,14 @@ class byte_budget {
   byte_budget(const byte_budget&) = delete;
   byte_budget& operator=(const byte_budget&) = delete;
 
+  /// The device whose bytes this budget counts.
   const device_id& device() const noexcept { return device_; }
+  /// Bytes the device may hold in all.
   std::uint64_t capacity() const noexcept { return capacity_; }
+  /// Bytes reserved now.
   std::uint64_t used() const noexcept { return used_.load(std::memory_order_acquire); }
+  /// Capacity minus what is reserved now.
+  /// \code if (budget.available() < unit_bytes) plan_elsewhere(); \endcode
   std::uint64_t available() const noexcept { return capacity_ - used(); }
   /// Most bytes ever in use at once since construction or the last `reset_peak()`.
   std::uint64_t peak() const noexcept { return peak_.load(std::memory_order_acquire); }
@@ -106,6 +111,7 @@ class byte_budget {
 class reservation {
  public:
   reservation() = default;
+  /// Adopts `bytes` already taken from `budget`; they go back when the reservation goes.
   reservation(std::shared_ptr<byte_budget> budget, std::uint64_t bytes) noexcept : budget_(std::move(budget)), bytes_(bytes) {}
   reservation(reservation&& other) noexcept : budget_(std::move(other.budget_)), bytes_(std::exchange(other.bytes_, 0)) {}
   reservation& operator=(reservation&& other) noexcept {
@@ -120,7 +126,9 @@ class reservation {
   reservation& operator=(const reservation&) = delete;
   ~reservation() { reset(); }
 
+  /// Bytes held (0 once released or moved from).
   std::uint64_t bytes() const noexcept { return bytes_; }
+  /// True while it holds bytes.
   explicit operator bool() const noexcept { return budget_ != nullptr && bytes_ != 0; }
 
   /// Gives the bytes back now.

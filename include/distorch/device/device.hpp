@@ -78,17 +78,25 @@ class simulated_device {
   simulated_device(device_id id, std::uint64_t capacity, std::string name = "simulated")
       : budget_(std::make_shared<byte_budget>(id, capacity)), name_(std::move(name)) {}
 
+  /// The id it was made with (any kind: a simulated device may stand in for cuda:0).
   const device_id& id() const noexcept { return budget_->device(); }
   /// Always the CPU: a simulated device keeps its bytes in host memory, whatever its id says.
   c10::Device torch_device() const noexcept { return c10::Device(c10::DeviceType::CPU); }
+  /// The fixed capacity given at construction.
   std::uint64_t capacity() const noexcept { return budget_->capacity(); }
   /// Capacity minus what is reserved.
   std::uint64_t available() const noexcept { return budget_->available(); }
+  /// Copies to and from it are synchronous host copies.
   transfer_kind transfer() const noexcept { return {c10::DeviceType::CPU, copy_mode::synchronous}; }
+  /// A label for tables and messages ("simulated" unless given).
   const std::string& name() const noexcept { return name_; }
 
+  /// Bytes reserved now.
   std::uint64_t used() const noexcept { return budget_->used(); }
+  /// Most bytes reserved at once since construction or the last `reset_peak()`.
+  /// \code CHECK(gpu.peak() <= gpu.capacity()); \endcode
   std::uint64_t peak() const noexcept { return budget_->peak(); }
+  /// Starts a new high-water mark at what is reserved now.
   void reset_peak() noexcept { budget_->reset_peak(); }
 
   /// Takes `bytes` or throws `device_error` naming the device, the request and what remains.
@@ -142,19 +150,27 @@ class real_device {
                           "a sim:N device has no real memory behind it", "use simulated_device for sim:N"});
   }
 
+  /// The id found by discovery.
   const device_id& id() const noexcept { return info_.id; }
+  /// The LibTorch device of this id.
   c10::Device torch_device() const { return to_torch_device(info_.id); }
+  /// Total memory, as discovered.
   std::uint64_t capacity() const noexcept { return info_.total_bytes; }
+  /// Free memory now: asked of the OS (cpu) or the CUDA runtime (cuda) each call; for other
+  /// backends the free memory known at discovery.
+  /// \code if (gpu.available() < needed) distorch::empty_caches(); \endcode
   std::uint64_t available() const {
     std::optional<memory_figures> now;
     if (info_.id.kind == device_kind::cpu) now = host_memory();
     else if (info_.id.kind == device_kind::cuda) now = cuda_memory(info_.id.index);
     return now ? now->free : info_.free_bytes;
   }
+  /// Host copies are synchronous; accelerators copy on a stream of their device type.
   transfer_kind transfer() const noexcept {
     if (info_.id.kind == device_kind::cpu) return {c10::DeviceType::CPU, copy_mode::synchronous};
     return {torch_device_type(info_.id.kind), copy_mode::stream};
   }
+  /// The name the backend reports ("NVIDIA H100 80GB HBM3", "cpu").
   const std::string& name() const noexcept { return info_.name; }
   /// As discovered (free bytes at discovery time).
   const device_info& info() const noexcept { return info_; }

@@ -42,12 +42,21 @@ struct device_id {
   int index = -1;
 
   constexpr device_id() = default;
+  /// A device of kind `k` with index `i` (-1 for none).
+  /// \code distorch::device_id d(distorch::device_kind::xpu, 1);   // "xpu:1" \endcode
   constexpr device_id(device_kind k, int i = -1) : kind(k), index(i) {}
 
+  /// "cpu".
+  /// \code distorch::device_id::cpu().str();   // "cpu" \endcode
   static constexpr device_id cpu() noexcept { return {device_kind::cpu, -1}; }
+  /// "cuda:i".
+  /// \code distorch::device_id::cuda(1).str();   // "cuda:1" \endcode
   static constexpr device_id cuda(int i) noexcept { return {device_kind::cuda, i}; }
+  /// "sim:i", a simulated device (CPU-backed, fixed capacity).
+  /// \code distorch::device_id::sim(0).str();   // "sim:0" \endcode
   static constexpr device_id sim(int i) noexcept { return {device_kind::sim, i}; }
 
+  /// True for "cpu" only.
   bool is_cpu() const noexcept { return kind == device_kind::cpu; }
   /// True for devices whose memory is host RAM (cpu and simulated devices).
   bool is_host_backed() const noexcept { return kind == device_kind::cpu || kind == device_kind::sim; }
@@ -69,11 +78,17 @@ struct device_id {
   friend constexpr auto operator<=>(const device_id&, const device_id&) = default;
 };
 
+/// Outcome of `device_id::try_parse`: an id, or a problem with the 0-based index where it starts.
+/// \code
+///   auto r = distorch::device_id::try_parse("cuda:x");
+///   if (!r.ok()) std::cerr << r.problem << " at " << r.index << "; " << r.fix << '\n';
+/// \endcode
 struct device_id_parse_result {
   std::optional<device_id> id;
   std::string problem;
   std::size_t index = 0;
   std::string fix;
+  /// True when the text named a device.
   bool ok() const noexcept { return id.has_value(); }
 };
 
@@ -134,8 +149,11 @@ inline device_id device_id::parse(std::string_view text) {
 
 }  // namespace distorch::inline v0
 
+/// Hashing, so device ids can key unordered containers.
+/// \code std::unordered_map<distorch::device_id, std::uint64_t> bytes_on; \endcode
 template <>
 struct std::hash<distorch::device_id> {
+  /// Distinct for every kind and index a process can name.
   std::size_t operator()(const distorch::device_id& d) const noexcept {
     return (static_cast<std::size_t>(d.kind) << 20) ^ static_cast<std::size_t>(d.index + 1);
   }

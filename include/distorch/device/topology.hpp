@@ -42,6 +42,8 @@ struct topology {
     auto it = std::find_if(devices.begin(), devices.end(), [&](const device_info& d) { return d.id == id; });
     return it == devices.end() ? nullptr : &*it;
   }
+  /// True when the topology has this device.
+  /// \code if (!topo.contains(distorch::device_id::cuda(1))) use_one_gpu(); \endcode
   bool contains(const device_id& id) const noexcept { return find(id) != nullptr; }
 
   /// "cuda:0=24.00 GiB, cpu=64.00 GiB"

@@ -215,24 +215,34 @@ inline void k4_scale_min(int j, const std::uint8_t* q, std::uint8_t& scale, std:
   }
 }
 
+// Q4_K and Q5_K walk their 256 values in four runs of 64: in run i the low nibbles of 32 bytes use
+// sub-block 2i and the high nibbles sub-block 2i + 1. Both formats scale a sub-block alike.
+struct k4_sub_block_pair {
+  float d_low, min_low, d_high, min_high;
+};
+
+inline k4_sub_block_pair k4_scales_of_pair(int pair, const std::uint8_t* scales, float d, float dmin) noexcept {
+  std::uint8_t sc = 0, m = 0;
+  k4_sub_block_pair p{};
+  k4_scale_min(2 * pair, scales, sc, m);
+  p.d_low = d * static_cast<float>(sc);
+  p.min_low = dmin * static_cast<float>(m);
+  k4_scale_min(2 * pair + 1, scales, sc, m);
+  p.d_high = d * static_cast<float>(sc);
+  p.min_high = dmin * static_cast<float>(m);
+  return p;
+}
+
 inline void dequant_q4_k(const std::uint8_t* b, float* y) noexcept {  // d, dmin, scales[12], qs[128]
   const float d = load_fp16(b);
   const float dmin = load_fp16(b + 2);
   const std::uint8_t* scales = b + 4;
   const std::uint8_t* q = b + 16;
-  int is = 0;
-  for (int j = 0; j < 256; j += 64) {
-    std::uint8_t sc = 0, m = 0;
-    k4_scale_min(is, scales, sc, m);
-    const float d1 = d * static_cast<float>(sc);
-    const float m1 = dmin * static_cast<float>(m);
-    k4_scale_min(is + 1, scales, sc, m);
-    const float d2 = d * static_cast<float>(sc);
-    const float m2 = dmin * static_cast<float>(m);
-    for (int l = 0; l < 32; ++l) *y++ = d1 * static_cast<float>(q[l] & 0xf) - m1;
-    for (int l = 0; l < 32; ++l) *y++ = d2 * static_cast<float>(q[l] >> 4) - m2;
+  for (int pair = 0; pair < 4; ++pair) {
+    const auto s = k4_scales_of_pair(pair, scales, d, dmin);
+    for (int l = 0; l < 32; ++l) *y++ = s.d_low * static_cast<float>(q[l] & 0xf) - s.min_low;
+    for (int l = 0; l < 32; ++l) *y++ = s.d_high * static_cast<float>(q[l] >> 4) - s.min_high;
     q += 32;
-    is += 2;
   }
 }
 
@@ -242,20 +252,12 @@ inline void dequant_q5_k(const std::uint8_t* b, float* y) noexcept {  // d, dmin
   const std::uint8_t* scales = b + 4;
   const std::uint8_t* qh = b + 16;
   const std::uint8_t* ql = b + 48;
-  int is = 0;
   std::uint8_t u1 = 1, u2 = 2;
-  for (int j = 0; j < 256; j += 64) {
-    std::uint8_t sc = 0, m = 0;
-    k4_scale_min(is, scales, sc, m);
-    const float d1 = d * static_cast<float>(sc);
-    const float m1 = dmin * static_cast<float>(m);
-    k4_scale_min(is + 1, scales, sc, m);
-    const float d2 = d * static_cast<float>(sc);
-    const float m2 = dmin * static_cast<float>(m);
-    for (int l = 0; l < 32; ++l) *y++ = d1 * static_cast<float>((ql[l] & 0xf) + ((qh[l] & u1) ? 16 : 0)) - m1;
-    for (int l = 0; l < 32; ++l) *y++ = d2 * static_cast<float>((ql[l] >> 4) + ((qh[l] & u2) ? 16 : 0)) - m2;
+  for (int pair = 0; pair < 4; ++pair) {
+    const auto s = k4_scales_of_pair(pair, scales, d, dmin);
+    for (int l = 0; l < 32; ++l) *y++ = s.d_low * static_cast<float>((ql[l] & 0xf) + ((qh[l] & u1) ? 16 : 0)) - s.min_low;
+    for (int l = 0; l < 32; ++l) *y++ = s.d_high * static_cast<float>((ql[l] >> 4) + ((qh[l] & u2) ? 16 : 0)) - s.min_high;
     ql += 32;
-    is += 2;
     u1 = static_cast<std::uint8_t>(u1 << 2);
     u2 = static_cast<std::uint8_t>(u2 << 2);
   }

@@ -195,9 +195,12 @@ struct gguf_file {
 
 /// Limits gguf.cpp enforces.
 inline constexpr std::uint64_t gguf_max_string_length = std::uint64_t{1} << 30;
+/// Largest metadata array accepted, checked before anything is allocated for it.
 inline constexpr std::uint64_t gguf_max_array_elements = std::uint64_t{1} << 30;
 inline constexpr std::size_t gguf_max_tensor_name = 64;  ///< ggml's GGML_MAX_NAME: names must be shorter
+/// ggml's GGML_MAX_DIMS: tensors have at most four dimensions.
 inline constexpr std::uint32_t gguf_max_dims = 4;
+/// Data alignment when the file has no `general.alignment` key.
 inline constexpr std::uint64_t gguf_default_alignment = 32;
 
 namespace detail {

@@ -26,6 +26,12 @@
 
 namespace distorch::inline v0 {
 
+/// A read-only memory map of one whole file. Made only by `open`, held by `shared_ptr`: every view
+/// made from it keeps the mapping alive.
+/// \code
+///   auto file = distorch::mapped_file::open("model.gguf");
+///   auto header = file->bytes().first(std::min<std::size_t>(file->size(), 24));
+/// \endcode
 class mapped_file {
  public:
   /// Maps `path` read-only. Throws `format_error` naming the path when it cannot be opened.
@@ -63,9 +69,13 @@ class mapped_file {
     if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), size_);
   }
 
+  /// The whole file's bytes.
   std::span<const std::byte> bytes() const noexcept { return {data_, size_}; }
+  /// The first byte (nullptr for an empty file).
   const std::byte* data() const noexcept { return data_; }
+  /// The file size in bytes.
   std::size_t size() const noexcept { return size_; }
+  /// The path it was opened from, for messages.
   const std::string& path() const noexcept { return path_; }
 
   /// Hints the kernel that a range will be read soon (sequential read-ahead).

@@ -58,6 +58,7 @@ struct pickled_storage {
   std::uint64_t numel = 0;   ///< elements; the record holds numel × dtype_size bytes
   std::string location;      ///< where it was saved from: "cpu", "cuda:0", ...
 
+  /// Bytes the storage's record must hold.
   std::uint64_t nbytes() const noexcept { return numel * dtype_size(type); }
   friend bool operator==(const pickled_storage&, const pickled_storage&) = default;
 };
@@ -74,6 +75,7 @@ struct pickled_tensor {
   bool requires_grad = false;
   bool parameter = false;            ///< saved as a `torch.nn.Parameter`
 
+  /// Elements of the tensor: the product of its shape (1 for a 0-d tensor).
   std::int64_t numel() const noexcept {
     std::int64_t n = 1;
     for (auto d : shape) n *= d;

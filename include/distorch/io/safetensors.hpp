@@ -96,6 +96,7 @@ struct safetensors_tensor {
   std::vector<std::int64_t> shape;  ///< empty for a 0-d tensor
   std::uint64_t begin = 0;          ///< offset of the first byte in the data buffer
   std::uint64_t end = 0;            ///< one past the last byte in the data buffer
+  /// Bytes the tensor occupies in the data buffer.
   std::uint64_t bytes() const noexcept { return end - begin; }
   friend bool operator==(const safetensors_tensor&, const safetensors_tensor&) = default;
 };

@@ -194,6 +194,7 @@ class torch_zip_file {
     return std::shared_ptr<const torch_zip_file>(new torch_zip_file(mapped_file::open(path), limits));
   }
 
+  /// The path it was opened from.
   const std::string& path() const noexcept { return file_->path(); }
   /// The tensors and storages, as described by `data.pkl` (nested dicts flattened to dotted names).
   const pickled_state_dict& state_dict() const noexcept { return contents_; }

@@ -24,6 +24,7 @@
 
 namespace distorch::inline v0 {
 
+/// A PyTorch zip checkpoint (`torch.save`, .bin / .pt) as a `weight_source`; see the file example.
 class torch_zip_source final : public weight_source {
  public:
   /// Opens `path`; throws `format_error` as `torch_zip_file::open` does.

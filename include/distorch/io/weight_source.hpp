@@ -33,6 +33,12 @@ struct tensor_location {
   std::string stored_type;   ///< the format's own type name: "BF16", "Q4_K", ...
 };
 
+/// The interface of every weight file reader; `open_weights` picks the reader by content.
+/// \code
+///   void list(const distorch::weight_source& src) {
+///     for (const auto& r : src.records()) std::cout << r.name << ' ' << r.bytes << '\n';
+///   }
+/// \endcode
 class weight_source {
  public:
   virtual ~weight_source() = default;

@@ -43,6 +43,8 @@ enum class adapter_kind : std::uint8_t {
   set,   ///< `.set_weight`: the weight is replaced
 };
 
+/// The kind as a word, as `distorch lora inspect` prints it.
+/// \code distorch::adapter_kind_name(distorch::adapter_kind::loha);   // "loha" \endcode
 constexpr std::string_view adapter_kind_name(adapter_kind k) noexcept {
   switch (k) {
     case adapter_kind::lora: return "lora";
@@ -61,8 +63,11 @@ enum class component : std::uint8_t {
   lokr_w1, lokr_w1_a, lokr_w1_b, lokr_w2, lokr_w2_a, lokr_w2_b, lokr_t2,
   diff, diff_b, set_weight,
 };
+/// Number of `component` values (the size of per-role arrays).
 inline constexpr std::size_t component_count = 21;
 
+/// The role as a word, e.g. "lora_up" or "hada_w1_a".
+/// \code distorch::component_name(distorch::component::alpha);   // "alpha" \endcode
 constexpr std::string_view component_name(component c) noexcept {
   constexpr std::array<std::string_view, component_count> names{
       "lora_up", "lora_down", "lora_mid", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b",
@@ -123,7 +128,10 @@ struct key_group {
   std::array<std::string, component_count> names{};   ///< tensor name per role, "" when absent
   std::string naming;                                 ///< naming of the weight patch ("kohya", "peft", ...)
 
+  /// True when the group has a tensor in this role.
+  /// \code if (g.has(distorch::component::alpha)) scale = alpha_of(g.name(distorch::component::alpha)); \endcode
   bool has(component c) const noexcept { return !names[static_cast<std::size_t>(c)].empty(); }
+  /// The adapter tensor name in this role ("" when absent).
   const std::string& name(component c) const noexcept { return names[static_cast<std::size_t>(c)]; }
   /// True when the group also patches the bias (`.diff_b`).
   bool patches_bias() const noexcept { return has(component::diff_b); }

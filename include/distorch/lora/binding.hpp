@@ -53,6 +53,7 @@ struct bound_patch {
   bool bias = false;                    ///< applies the group's `.diff_b` to the bias
 };
 
+/// One adapter key group that bound to a model tensor (a line of `distorch lora inspect`).
 struct matched_key {
   std::size_t adapter_index = 0;
   std::string key;          ///< the group's module key
@@ -61,6 +62,7 @@ struct matched_key {
   key_convention convention = key_convention::generic;
 };
 
+/// One adapter tensor that bound to nothing, with the reason.
 struct unmatched_key {
   std::size_t adapter_index = 0;
   std::string key;          ///< the adapter tensor name
@@ -207,6 +209,8 @@ class adapter_binding {
     return out;
   }
 
+  /// What bound where and what did not.
+  /// \code for (const auto& u : binding.report().unmatched) std::cerr << u.key << ": " << u.reason << '\n'; \endcode
   const binding_report& report() const noexcept { return report_; }
 
  private:

@@ -35,6 +35,8 @@ namespace distorch::inline v0 {
 /// The family a key mapping rule comes from (reported by `distorch lora inspect`).
 enum class key_convention : std::uint8_t { user, generic, kohya, diffusers, peft };
 
+/// The convention as a word: "user", "generic", "kohya", "diffusers", "peft".
+/// \code distorch::key_convention_name(distorch::key_convention::kohya);   // "kohya" \endcode
 constexpr std::string_view key_convention_name(key_convention c) noexcept {
   switch (c) {
     case key_convention::user: return "user";

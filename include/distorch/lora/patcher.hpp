@@ -59,6 +59,13 @@ enum class restore_from : std::uint8_t {
   source,         ///< reloaded from `patcher_options::source` (no copy kept)
 };
 
+/// How a `patcher` binds adapters and where it gets originals back from.
+/// \code
+///   distorch::patcher_options o;
+///   o.strict = true;                                  // unmatched keys are errors
+///   o.restore = distorch::restore_from::source;       // keep no copies; reload originals
+///   o.source = std::shared_ptr<const distorch::weight_source>(distorch::open_weights("model.safetensors"));
+/// \endcode
 struct patcher_options {
   bool strict = false;                          ///< unmatched adapter keys are a lora_error
   std::vector<prefix_rule> prefix_rules;        ///< extra key mapping rules, tried first
@@ -67,6 +74,7 @@ struct patcher_options {
   std::shared_ptr<const weight_source> source;  ///< the model file, for restore_from::source
 };
 
+/// Patches and unpatches model tensors with a bound set of adapters; see the file example.
 class patcher {
  public:
   /// Binds `adapters` to the model `model` (see adapter_binding::bind for the errors). Throws
@@ -87,7 +95,10 @@ class patcher {
   patcher(const patcher&) = delete;  // the binding points into adapters_
   patcher& operator=(const patcher&) = delete;
 
+  /// Which adapter patches which tensor (and the report of what did not bind).
+  /// \code p.binding().report().matched.size(); \endcode
   const adapter_binding& binding() const noexcept { return binding_; }
+  /// The adapters, with their strengths, in the order they are applied.
   const adapter_set& adapters() const noexcept { return adapters_; }
   /// True when some adapter patches the tensor.
   bool targets(const std::string& name) const { return binding_.patches_for(name) != nullptr; }

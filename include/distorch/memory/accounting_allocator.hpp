@@ -50,11 +50,18 @@ class accounting_allocator {
   accounting_allocator(Inner inner, std::uint64_t limit)
       : inner_(std::move(inner)), budget_(std::make_shared<byte_budget>(inner_.device(), limit)) {}
 
+  /// The inner allocator's device.
   device_id device() const { return inner_.device(); }
+  /// The budget charged; shared with every allocator and device made over it.
   const std::shared_ptr<byte_budget>& budget() const noexcept { return budget_; }
+  /// Bytes charged now (tensors still alive).
   std::uint64_t used() const noexcept { return budget_->used(); }
+  /// Budget minus what is charged now.
+  /// \code if (alloc.available() < bytes_needed) evict_one(); \endcode
   std::uint64_t available() const noexcept { return budget_->available(); }
+  /// Most bytes charged at once.
   std::uint64_t peak() const noexcept { return budget_->peak(); }
+  /// The allocator that makes the storage.
   const Inner& inner() const noexcept { return inner_; }
 
   /// An uninitialised tensor charged to the budget until its storage dies. `device_error` when
@@ -77,8 +84,10 @@ class accounting_allocator {
   std::shared_ptr<byte_budget> budget_;
 };
 
+/// Deduces the inner allocator type: `accounting_allocator a(device_allocator(id), limit);`.
 template <class Inner>
 accounting_allocator(Inner, std::uint64_t) -> accounting_allocator<Inner>;
+/// Deduces the inner allocator type from an allocator and a shared budget.
 template <class Inner>
 accounting_allocator(Inner, std::shared_ptr<byte_budget>) -> accounting_allocator<Inner>;
 

@@ -42,14 +42,14 @@ concept allocator = requires(A& a, const A& ca, at::IntArrayRef shape, at::Scala
 
 namespace detail {
 
-inline std::string shape_string(at::IntArrayRef shape) {
+inline std::string allocation_shape_string(at::IntArrayRef shape) {
   std::string s = "[";
   for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
 }
 
 inline std::string allocation_doing(at::IntArrayRef shape, at::ScalarType type) {
-  return std::string("allocating a ") + c10::toString(type) + " tensor of shape " + shape_string(shape) + " on";
+  return std::string("allocating a ") + c10::toString(type) + " tensor of shape " + allocation_shape_string(shape) + " on";
 }
 
 }  // namespace detail
@@ -88,6 +88,7 @@ class device_allocator {
   /// \code distorch::device_allocator a(sim.id(), sim.torch_device()); \endcode
   device_allocator(device_id device, c10::Device backing) : device_(device), target_(backing) {}
 
+  /// The device it allocates for (the name; see `backing` for where the bytes live).
   const device_id& device() const noexcept { return device_; }
   /// Where the memory really is.
   const c10::Device& backing() const noexcept { return target_; }

@@ -101,8 +101,11 @@ class memory_series {
     return snapshots_.back();
   }
 
+  /// Every snapshot taken, in order.
   const std::vector<memory_snapshot>& snapshots() const noexcept { return snapshots_; }
+  /// True before the first snapshot.
   bool empty() const noexcept { return snapshots_.empty(); }
+  /// Forgets every snapshot.
   void clear() noexcept { snapshots_.clear(); }
 
   /// One aligned table, one row per (checkpoint, device); "-" where a figure is not reported.

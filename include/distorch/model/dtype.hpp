@@ -53,6 +53,8 @@ constexpr std::optional<dtype> dtype_from_name(std::string_view name) noexcept {
   return std::nullopt;
 }
 
+/// True for floating-point dtypes (the ones LoRA patches merge into).
+/// \code distorch::is_floating(distorch::dtype::bf16);   // true \endcode
 constexpr bool is_floating(dtype t) noexcept {
   return t == dtype::f64 || t == dtype::f32 || t == dtype::f16 || t == dtype::bf16 || t == dtype::f8_e4m3 ||
          t == dtype::f8_e5m2 || t == dtype::f8_e8m0;

@@ -41,6 +41,7 @@ struct tensor_record {
   std::uint64_t storage_key = 0;    ///< nonzero: tensors with the same key share one storage
   std::uint64_t storage_bytes = 0;  ///< bytes of that shared storage (0: this tensor's bytes)
 
+  /// Elements: the product of the shape (1 for a 0-d tensor).
   std::int64_t numel() const noexcept {
     return std::accumulate(shape.begin(), shape.end(), std::int64_t{1}, std::multiplies<>());
   }
@@ -114,6 +115,8 @@ struct unit_union {
 class inventory {
  public:
   inventory() = default;
+  /// Units given directly, in model order.
+  /// \code distorch::inventory inv({{"embed", {}, 4096}, {"blocks.0", {}, 1 << 20}}); \endcode
   explicit inventory(std::vector<unit> units) : units_(std::move(units)) {}
 
   /// Builds units from tensor records in model order. Units appear in the order of their first
@@ -152,9 +155,14 @@ class inventory {
     return inventory(std::move(units));
   }
 
+  /// The units in model order.
+  /// \code for (const auto& u : inv.units()) std::cout << u.name << ' ' << u.bytes << '\n'; \endcode
   const std::vector<unit>& units() const noexcept { return units_; }
+  /// Number of units.
   std::size_t size() const noexcept { return units_.size(); }
+  /// True when there are no units.
   bool empty() const noexcept { return units_.empty(); }
+  /// The unit at position `i`; std::out_of_range past the end.
   const unit& operator[](std::size_t i) const { return units_.at(i); }
 
   /// Total bytes of all units.

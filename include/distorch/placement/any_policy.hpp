@@ -34,6 +34,8 @@ class any_policy {
   /// Holds `auto_policy` until another policy is assigned.
   any_policy() : any_policy(auto_policy{}) {}
 
+  /// Holds any type satisfying `placement_policy`.
+  /// \code distorch::any_policy p = distorch::ratio_policy{entries, "cuda:0,8%;cpu,2%"}; \endcode
   // The any_policy test comes first: checking placement_policy<any_policy> from inside its own
   // copy constructor's overload set would recurse.
   template <class P>
@@ -49,8 +51,11 @@ class any_policy {
   }
   any_policy& operator=(any_policy&&) noexcept = default;
 
+  /// The held policy's quotas.
   quota_set quotas(const policy_context& ctx) const { return self_->quotas(ctx); }
+  /// The held policy's description (its allocation string).
   std::string describe() const { return self_->describe(); }
+  /// The held policy's override rules (empty when it has none).
   std::span<const override_rule> overrides() const { return self_->overrides(); }
 
  private:

@@ -30,6 +30,8 @@ enum class placement_reason : std::uint8_t {
   remainder,  ///< no donor had room: stays on the compute device
 };
 
+/// The reason as a word, as plan tables and JSON print it: "tiny", "head", "override", ...
+/// \code distorch::reason_name(distorch::placement_reason::remainder);   // "remainder" \endcode
 constexpr std::string_view reason_name(placement_reason r) noexcept {
   switch (r) {
     case placement_reason::tiny: return "tiny";

@@ -209,6 +209,8 @@ inline placement_plan plan_from_json(const nlohmann::json& j) {
 
 /// nlohmann::json hooks: `nlohmann::json j = plan;` and `j.get<distorch::placement_plan>()`.
 inline void to_json(nlohmann::json& j, const placement_plan& plan) { j = plan_to_json(plan); }
+/// The reading hook; throws as `plan_from_json` does.
+/// \code auto plan = nlohmann::json::parse(text).get<distorch::placement_plan>(); \endcode
 inline void from_json(const nlohmann::json& j, placement_plan& plan) { plan = plan_from_json(j); }
 
 }  // namespace distorch::inline v0

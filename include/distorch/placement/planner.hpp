@@ -282,13 +282,17 @@ inline placement_plan make_plan(const inventory& model, const topology& devices,
 template <placement_policy Policy = any_policy>
 class planner {
  public:
+  /// Binds the policy and the options used by every `plan` call.
   explicit planner(Policy policy, planner_options options = {}) : policy_(std::move(policy)), options_(std::move(options)) {}
 
+  /// `make_plan` with the bound policy and options; same errors.
   placement_plan plan(const inventory& model, const topology& devices, device_id compute) const {
     return make_plan(model, devices, compute, policy_, options_);
   }
 
+  /// The bound policy.
   const Policy& policy() const noexcept { return policy_; }
+  /// The bound options.
   const planner_options& options() const noexcept { return options_; }
 
  private:

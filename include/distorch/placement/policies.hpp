@@ -34,6 +34,8 @@ struct bytes_policy {
   std::vector<allocation_entry> entries;
   std::string text;
 
+  /// The `placement_policy` protocol: per-device byte quotas in fill order, clamped to the
+  /// topology (or an `allocation_error` in strict mode).
   quota_set quotas(const policy_context& ctx) const {
     quota_set set;
     std::uint64_t remaining = ctx.model_bytes();
@@ -65,6 +67,7 @@ struct bytes_policy {
     detail::clamp_quotas(set, ctx);
     return set;
   }
+  /// The allocation string it came from, for plans and messages.
   std::string describe() const { return text; }
 };
 
@@ -76,6 +79,8 @@ struct ratio_policy {
   std::vector<allocation_entry> entries;
   std::string text;
 
+  /// The `placement_policy` protocol: per-device byte quotas in fill order, clamped to the
+  /// topology (or an `allocation_error` in strict mode).
   quota_set quotas(const policy_context& ctx) const {
     std::uint64_t sum = 0;  // parts are below 1e18 each and few, so the sum fits
     for (const auto& e : entries) sum += e.value_e9;
@@ -86,6 +91,7 @@ struct ratio_policy {
     detail::clamp_quotas(set, ctx);
     return set;
   }
+  /// The allocation string it came from, for plans and messages.
   std::string describe() const { return text; }
 };
 
@@ -97,6 +103,8 @@ struct fraction_policy {
   std::vector<allocation_entry> entries;
   std::string text;
 
+  /// The `placement_policy` protocol: per-device byte quotas in fill order, clamped to the
+  /// topology (or an `allocation_error` in strict mode).
   quota_set quotas(const policy_context& ctx) const {
     quota_set set;
     for (const auto& e : entries) {
@@ -106,6 +114,7 @@ struct fraction_policy {
     detail::clamp_quotas(set, ctx);
     return set;
   }
+  /// The allocation string it came from, for plans and messages.
   std::string describe() const { return text; }
 };
 
@@ -122,6 +131,8 @@ struct virtual_vram_policy {
   std::string text;
   std::size_t compute_column = 0;
 
+  /// The `placement_policy` protocol: per-device byte quotas in fill order, clamped to the
+  /// topology (or an `allocation_error` in strict mode).
   quota_set quotas(const policy_context& ctx) const {
     if (ctx.compute != compute)
       detail::allocation_fail("checking virtual VRAM allocation", text, compute_column,
@@ -148,6 +159,7 @@ struct virtual_vram_policy {
     detail::clamp_quotas(set, ctx);
     return set;
   }
+  /// The allocation string it came from, for plans and messages.
   std::string describe() const { return text; }
 };
 
@@ -161,6 +173,8 @@ struct virtual_vram_policy {
 struct auto_policy {
   std::string text = "auto";
 
+  /// The `placement_policy` protocol: per-device byte quotas in fill order, clamped to the
+  /// topology (or an `allocation_error` in strict mode).
   quota_set quotas(const policy_context& ctx) const {
     const auto& compute = detail::require_device(ctx, ctx.compute, "auto", 0);
     const std::uint64_t held_back = ctx.reserve + std::min<std::uint64_t>(ctx.window_estimate, ~std::uint64_t{0} - ctx.reserve);
@@ -182,6 +196,7 @@ struct auto_policy {
     detail::clamp_quotas(set, ctx);
     return set;
   }
+  /// The allocation string it came from, for plans and messages.
   std::string describe() const { return text; }
 };
 

@@ -48,6 +48,7 @@ struct policy_context {
   std::uint64_t window_estimate = 0;  ///< largest placeable unit × prefetch depth (an upper bound)
   bool strict = false;                ///< over-asking is an error instead of a clamped warning
 
+  /// Total bytes of the model's units.
   std::uint64_t model_bytes() const noexcept { return model.total_bytes(); }
 };
 
