@@ -320,7 +320,7 @@ class literal_analyzer {
         const auto lo_u = static_cast<unsigned char>(c), hi_u = static_cast<unsigned char>(hi);
         if (lo_u > hi_u) return std::nullopt;
         if (static_cast<std::size_t>(hi_u - lo_u) < max_exact_strings)
-          for (unsigned v = lo_u; v <= hi_u; ++v) members.push_back(static_cast<char>(v));
+          for (unsigned v = lo_u; v <= static_cast<unsigned>(hi_u); ++v) members.push_back(static_cast<char>(v));
         else
           simple = false;
         i_ += 3;
