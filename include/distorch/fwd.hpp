@@ -30,7 +30,6 @@ struct streaming_options;
 struct streaming_stats;
 class residency_manager;
 struct distribute_spec;
-class low_rank_set;
 class model_registry;
 
 namespace nn {

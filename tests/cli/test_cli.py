@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
 """End-to-end checks of the distorch command-line program: outputs and exit codes (0 ok, 1 bad
-input) of version, validate, plan (--units and --model), inspect and lora inspect. Weight files are
-written here by hand from the safetensors spec (struct + json), independent of distorch's writer.
+input) of version, validate, plan (--units and --model), inspect, lora inspect|apply and demo;
+--help with examples for every command; --json as one object on stdout; CLI11's own parse errors
+as one line; the progress bar (never when piped, drawn on a pseudo-terminal). Weight files are
+written here by hand from the safetensors spec (struct + json), independent of distorch's writer,
+and .bin adapters by PyTorch's torch.save.
 Usage: test_cli.py PATH/TO/distorch"""
 import json
 import os
+import pty
+import select
 import struct
 import subprocess
 import sys
@@ -18,6 +23,60 @@ checks = 0
 def run(*args):
     p = subprocess.run([exe, *args], capture_output=True, text=True)
     return p.returncode, p.stdout, p.stderr
+
+
+def run_on_pty(*args):
+    """Runs with stderr on a pseudo-terminal (stdout still a pipe); returns rc, stdout, terminal text."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        elif p.poll() is not None:
+            break
+    out = p.stdout.read().decode()
+    rc = p.wait()
+    os.close(master)
+    return rc, out, seen.decode(errors="replace")
+
+
+def one_line_error(name, result, *needles):
+    """A failure: exit 1, nothing on stdout, exactly one line on stderr containing every needle."""
+    rc, out, err = result
+    check(name, rc == 1 and out == "" and err.count("\n") == 1 and err.endswith("\n")
+          and all(n in err for n in needles), f"rc={rc} stdout={out!r} stderr={err!r}")
+
+
+def json_object(name, result):
+    """Success with one JSON object as the whole of stdout; returns it (or None)."""
+    rc, out, err = result
+    try:
+        value = json.loads(out)
+    except ValueError:
+        value = None
+    check(name, rc == 0 and isinstance(value, dict), f"rc={rc} stdout={out[:300]!r} stderr={err[-300:]!r}")
+    return value if isinstance(value, dict) else None
+
+
+def read_safetensors(path):
+    """{name: (dtype, shape, raw bytes)} and the metadata, read by hand from the spec."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", {})
+    base = 8 + n
+    return {k: (v["dtype"], v["shape"], blob[base + v["data_offsets"][0]:base + v["data_offsets"][1]])
+            for k, v in header.items()}, meta
 
 
 def check(name, condition, detail=""):
@@ -111,6 +170,142 @@ with tempfile.TemporaryDirectory() as tmp:
 
     rc, out, err = run("no-such-command")
     check("unknown command", rc == 1, err)
+
+    # ---- --help: a description and examples for every command --------------------------------
+    rc, out, err = run("--help")
+    check("top-level --help", rc == 0 and "Examples:" in out and err == "", out + err)
+    for command in ("inspect", "validate", "plan", "lora", "profile", "demo", "version"):
+        check(f"--help lists {command}", f"\n  {command}" in out, out)
+    for command in (["version"], ["validate"], ["plan"], ["inspect"], ["lora"], ["lora", "inspect"],
+                    ["lora", "apply"], ["profile"], ["demo"]):
+        rc, out, err = run(*command, "--help")
+        name = " ".join(command)
+        check(f"{name} --help", rc == 0 and "Examples:" in out and f"distorch {name}" in out and err == "",
+              f"rc={rc} {out[-300:]!r} {err!r}")
+    rc, out, _ = run("lora", "apply", "--help")
+    check("lora apply --help names .bin", ".bin" in out and "--json" in out, out)
+    rc, out, _ = run("lora", "inspect", "--help")
+    check("lora inspect --help names .bin", ".bin" in out, out)
+
+    # ---- CLI11's own parse errors: exit 1, one line, pointing at --help ------------------------
+    one_line_error("no command", run(), "--help")
+    one_line_error("unknown command one line", run("no-such-command"), "'no-such-command'", "--help")
+    for command in (["version"], ["validate", "--alloc", "cpu,*"], ["inspect", model], ["lora", "inspect", lora],
+                    ["demo"], ["plan", "--alloc", "cpu,*", "--devices", "cpu=1GiB", "--units", units]):
+        name = " ".join(command[:2] if command[0] == "lora" else command[:1])
+        one_line_error(f"{name} unknown flag", run(*command, "--bogus-flag"), "--bogus-flag", f"distorch {name} --help")
+    one_line_error("validate missing --alloc", run("validate"), "--alloc", "distorch validate --help")
+    one_line_error("inspect missing FILE", run("inspect"), "FILE", "distorch inspect --help")
+    one_line_error("lora without subcommand", run("lora"), "distorch lora --help")
+    one_line_error("lora apply missing --out", run("lora", "apply", model, lora), "--out", "distorch lora apply --help")
+    one_line_error("lora apply missing LORA", run("lora", "apply", model, "--out", os.path.join(tmp, "x.safetensors")),
+                   "LORA", "distorch lora apply --help")
+    one_line_error("demo --forwards out of range", run("demo", "--forwards", "0"), "--forwards", "distorch demo --help")
+    one_line_error("plan --prefetch not a number", run("plan", "--alloc", "cpu,*", "--devices", "cpu=1GiB", "--units", units,
+                                                        "--prefetch", "many"), "--prefetch", "distorch plan --help")
+    one_line_error("version extra argument", run("version", "extra"), "extra")
+
+    # ---- distorch errors: one line naming the input and the fix --------------------------------
+    missing = os.path.join(tmp, "missing.safetensors")
+    one_line_error("inspect missing file", run("inspect", missing), missing, "fix")
+    one_line_error("inspect --json missing file", run("inspect", missing, "--json"), missing, "fix")
+    one_line_error("inspect --values without --tensor", run("inspect", model, "--values"), "--tensor")
+    one_line_error("lora inspect missing file", run("lora", "inspect", missing), missing, "fix")
+    one_line_error("validate --json invalid", run("validate", "--alloc", "cuda:0,2.5gb;cpu,abc", "--json"), "column", "fix")
+
+    # ---- --json: one object, the whole of stdout ---------------------------------------------
+    v = json_object("version --json object", run("version", "--json"))
+    check("version --json fields", v is not None and {"distorch", "libtorch"} <= v.keys(), str(v))
+    v = json_object("validate --json", run("validate", "--alloc", "cuda:0,2.5gb;cpu,*", "--json"))
+    if v:
+        check("validate --json bytes", v["ok"] is True and v["mode"] == "bytes"
+              and [e["device"] for e in v["entries"]] == ["cuda:0", "cpu"]
+              and v["entries"][0]["bytes"] == int(2.5 * (1 << 30)) and v["entries"][1]["wildcard"] is True, str(v))
+    v = json_object("validate --json ratio", run("validate", "--alloc", "cuda:0,8%;cpu,4%", "--json"))
+    if v:
+        check("validate --json ratio values", v["mode"] == "ratio" and [e["value"] for e in v["entries"]] == [8, 4], str(v))
+    v = json_object("validate --json vvram", run("validate", "--alloc", "cuda:0;4;cpu", "--json"))
+    if v:
+        check("validate --json vvram", v["compute"] == "cuda:0" and v["offload_bytes"] == 4 << 30
+              and [e["device"] for e in v["entries"]] == ["cpu"], str(v))
+    rc, out, err = run("validate", "--alloc", "cuda:0,30gb;cpu,*", "--devices", "cuda:0=24GiB,cpu=64GiB", "--json")
+    v = json_object("validate --json with warning", (rc, out, err))
+    if v:
+        check("validate --json warning listed", len(v["warnings"]) == 1 and "cuda:0" in v["warnings"][0], str(v))
+    v = json_object("inspect --tensor --json", run("inspect", model, "--tensor", "blocks.2.w", "--json"))
+    if v:
+        check("inspect --tensor fields", v["name"] == "blocks.2.w" and v["shape"] == [256, 256]
+              and v["bytes"] == 256 * 256 * 4 and "values" not in v, str(v)[:300])
+    v = json_object("lora inspect --json object", run("lora", "inspect", lora, "--model", model, "--json"))
+    if v:
+        check("lora inspect --json groups", [g["key"] for g in v["groups"]] == ["blocks.0"] and v["groups"][0]["rank"] == 2,
+              str(v)[:300])
+
+    # ---- lora apply: .safetensors and .bin adapters, summary, JSON, progress ------------------
+    base = os.path.join(tmp, "base.safetensors")
+    base_tensors = [(f"blocks.{i}.weight", "F32", [256, 256], struct.pack("<f", 0.125 * i) * 65536) for i in range(3)]
+    base_tensors.append(("norm.weight", "F16", [256], struct.pack("<e", 1.0) * 256))
+    write_safetensors(base, base_tensors)
+    lora_bin = os.path.join(tmp, "lora.bin")
+    python = os.environ.get("DISTORCH_PYTHON", "/usr/bin/python3")
+    made = subprocess.run([python, "-c", (
+        "import sys, torch\n"
+        "torch.save({'blocks.0.lora_A.weight': torch.full((2, 256), 0.5),\n"
+        "            'blocks.0.lora_B.weight': torch.full((256, 2), 0.25)}, sys.argv[1])\n"), lora_bin],
+        capture_output=True, text=True)
+    check("torch.save wrote the .bin adapter", made.returncode == 0 and os.path.exists(lora_bin), made.stderr[-500:])
+
+    merged_st = os.path.join(tmp, "merged-st.safetensors")
+    rc, out, err = run("lora", "apply", base, lora, "--out", merged_st)
+    check("lora apply .safetensors", rc == 0 and merged_st in out and "\r" not in err, f"rc={rc} {out!r} {err!r}")
+    check("lora apply summary on stdout", "1 merged" in out and "4 written" in out, out)
+
+    merged_bin = os.path.join(tmp, "merged-bin.safetensors")
+    rc, out, err = run("lora", "apply", base, f"{lora_bin}:1", "--out", merged_bin, "--json")
+    v = json_object("lora apply .bin --json", (rc, out, err))
+    check("lora apply piped: no progress bar", "\r" not in err and "%" not in err, repr(err))
+    if v:
+        check("lora apply --json summary", v["out"] == merged_bin and v["tensors"] == 4 and v["patched"] == 1
+              and v["matched"] == 1 and v["unmatched"] == [] and v["adapters"] == [{"file": lora_bin, "strength": 1.0}],
+              str(v))
+    if os.path.exists(merged_st) and os.path.exists(merged_bin):
+        a, _ = read_safetensors(merged_st)
+        b, meta = read_safetensors(merged_bin)
+        original = {name: (dtype, shape, raw) for name, dtype, shape, raw in base_tensors}
+        check("lora apply .bin = .safetensors adapter", a == b, "merged files differ")
+        check("lora apply .bin patched its target", b["blocks.0.weight"][2] != original["blocks.0.weight"][2], "unchanged")
+        check("lora apply .bin left the rest", all(b[n] == original[n] for n in ("blocks.1.weight", "blocks.2.weight",
+                                                                               "norm.weight")), "changed")
+        check("lora apply .bin metadata", "lora.bin" in meta.get("distorch_lora", ""), str(meta))
+
+    rc, out, term = run_on_pty("lora", "apply", base, lora, "--out", os.path.join(tmp, "merged-pty.safetensors"), "--json")
+    json_object("lora apply on a terminal: JSON on stdout", (rc, out, term))
+    check("lora apply progress bar drawn", "\r" in term and "100%" in term and "4/4 tensors" in term, repr(term))
+    check("lora apply progress bar ends its line", term.rstrip(" ").endswith("\n"), repr(term[-80:]))
+
+    one_line_error("lora apply bad device", run("lora", "apply", base, lora, "--out", merged_st, "--device", "nodevice"),
+                   "nodevice", "fix")
+    one_line_error("lora apply absent device", run("lora", "apply", base, lora, "--out", merged_st, "--device", "cuda:63"),
+                   "cuda:63", "fix")
+    one_line_error("lora apply infinite strength", run("lora", "apply", base, f"{lora}:inf", "--out", merged_st),
+                   f"{lora}:inf", "fix")
+    bad_adapter = os.path.join(tmp, "bad.bin")
+    with open(bad_adapter, "wb") as f:
+        f.write(b"PK\x03\x04 not really a zip")
+    one_line_error("lora apply malformed .bin", run("lora", "apply", base, bad_adapter, "--out", merged_st), bad_adapter)
+
+    # ---- demo ----------------------------------------------------------------------------------
+    rc, out, err = run("demo", "--json", "--forwards", "1")
+    v = json_object("demo --json", (rc, out, err))
+    check("demo piped: no progress bar", "\r" not in err, repr(err))
+    if v:
+        check("demo --json parity", v["bit_identical"] is True and v["max_abs_diff"] == 0 and v["forwards"] == 1, str(v)[:300])
+    rc, out, term = run_on_pty("demo", "--json", "--forwards", "1")
+    v = json_object("demo on a terminal: JSON on stdout", (rc, out, term))
+    if v:
+        units_count = len(v["plan"]["units"])
+        check("demo progress bar drawn", "\r" in term and "100%" in term and f"{units_count}/{units_count} units" in term,
+              repr(term[-300:]))
 
 print(f"cli checks: {checks - len(failures)} passed, {len(failures)} failed")
 for f in failures:

@@ -9,7 +9,16 @@
 #include "distorch/runtime/distributed_module.hpp"
 #include "distorch/runtime/streamed_view.hpp"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include "distorch/memory/accounting_allocator.hpp"
+#include "distorch/runtime/host_staging.hpp"
+#include "distorch/runtime/staging_ring.hpp"
+
 #include <doctest/doctest.h>
+
+#include <chrono>
 
 #include <algorithm>
 #include <set>
@@ -281,4 +290,379 @@ TEST_CASE("views::streamed yields each block resident and prefetches the next on
     break;
   }
   for (std::size_t u = 0; u < inv.size(); ++u) CHECK(dm.residency().resident(u) == !dm.residency().streams(u));
+}
+
+// ---------------------------------------------------------------------------------------------
+// after_fetch transforms, deferred release within a pass, the host staging ring, host staging
+// choice, copy timing.
+
+
+namespace {
+
+// A home copy of `t` booked on `id` of `pool`, the way a distributed module places units.
+distorch::held_tensor at_home(const distorch::device_pool& pool, const device_id& id, const at::Tensor& t) {
+  return distorch::booked_copy_allocator{}.copy_to(t, pool, pool.at(id), {false, false, "placing a test unit"});
+}
+
+// A unit homed on `home` with one handle per tensor, the handles pointing at the home copies.
+distorch::residency_unit home_unit(const distorch::device_pool& pool, const device_id& home, std::string name,
+                                   const std::vector<at::Tensor>& tensors) {
+  distorch::residency_unit u;
+  u.name = std::move(name);
+  u.home = home;
+  for (const auto& t : tensors) {
+    u.home_data.push_back(at_home(pool, home, t));
+    u.handles.push_back(u.home_data.back().data.detach());  // the module's own handle, sharing the home bytes
+    u.bytes += static_cast<std::uint64_t>(t.numel()) * t.element_size();
+  }
+  return u;
+}
+
+std::vector<distorch::residency_unit> just(distorch::residency_unit u) {
+  std::vector<distorch::residency_unit> units;
+  units.push_back(std::move(u));
+  return units;
+}
+
+at::Tensor int8_tensor(std::int64_t n, int seed) {
+  at::Tensor t = at::empty({n}, at::kChar);
+  auto* p = t.data_ptr<std::int8_t>();
+  for (std::int64_t i = 0; i < n; ++i) p[i] = static_cast<std::int8_t>((i * 37 + seed * 11) % 255 - 127);
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("after_fetch: a unit kept as int8 at home is fetched as stored and transformed on the compute device") {
+  auto pool = test_models::sim_pool(1 << 20);
+  const at::Tensor quantized = int8_tensor(1000, 1);
+  const at::Tensor raw = int8_tensor(24, 2);
+  const double scale = 0.0625;
+  auto unit = home_unit(pool, device_id::sim(1), "q", {quantized, raw});
+  unit.after_fetch.resize(2);
+  int calls = 0;
+  unit.after_fetch[0] = [&](const at::Tensor& fetched) {
+    ++calls;
+    CHECK((fetched.scalar_type() == at::kChar));
+    return fetched.to(at::kFloat).mul(scale);
+  };  // handle 1 has no transform: it holds the fetched copy
+  at::Tensor weight = unit.handles[0], other = unit.handles[1];
+  const void* home_ptr = unit.home_data[0].data.data_ptr();
+  const std::uint64_t home_bytes = pool.used(device_id::sim(1));
+  distorch::residency_manager manager(pool, device_id::sim(0), just(std::move(unit)), {.prefetch_depth = 0});
+
+  manager.enter(0);
+  CHECK(calls == 1);
+  CHECK((weight.scalar_type() == at::kFloat));
+  CHECK(weight.data_ptr() != home_ptr);
+  // Independent reference: the stored bytes in float64, times the scale, rounded to float once.
+  const auto* q = quantized.data_ptr<std::int8_t>();
+  const auto* w = weight.data_ptr<float>();
+  bool same = true;
+  for (std::int64_t i = 0; i < quantized.numel(); ++i) same = same && w[i] == static_cast<float>(static_cast<double>(q[i]) * scale);
+  CHECK(same);
+  CHECK((other.scalar_type() == at::kChar));
+  CHECK(test_models::bit_identical(other, raw));
+  // The books hold what is really on sim:0: the float tensor and the untransformed copy.
+  CHECK(pool.used(device_id::sim(0)) == 1000 * sizeof(float) + 24);
+  CHECK(manager.held_bytes(0) == 1000 * sizeof(float) + 24);
+  CHECK(pool.peak(device_id::sim(0)) == 1000 + 24 + 1000 * sizeof(float));  // the copy, briefly with its transform
+  const auto s = manager.stats();
+  CHECK(s.fetches == 1);
+  CHECK(s.bytes_fetched == 1000 + 24);  // what crossed the link
+  manager.leave(0);
+  CHECK(pool.used(device_id::sim(0)) == 0);
+  CHECK((weight.scalar_type() == at::kChar));
+  CHECK(weight.data_ptr() == home_ptr);
+  CHECK(pool.used(device_id::sim(1)) == home_bytes);
+}
+
+TEST_CASE("after_fetch: rejected transforms leave nothing booked and the handles at home") {
+  auto pool = test_models::sim_pool(8192);
+  const at::Tensor quantized = int8_tensor(1000, 3);
+  SUBCASE("one transform per tensor, or none") {
+    auto unit = home_unit(pool, device_id::sim(1), "q", {quantized, quantized});
+    unit.after_fetch.resize(1);
+    CHECK_THROWS_AS(distorch::residency_manager(pool, device_id::sim(0), just(std::move(unit))), distorch::device_error);
+  }
+  std::function<at::Tensor(const at::Tensor&)> bad;
+  SUBCASE("a transform that throws") { bad = [](const at::Tensor& t) { return t.view({7, -1}); }; }
+  SUBCASE("a transform that returns a tensor on another device") {
+    bad = [](const at::Tensor& t) { return at::empty(t.sizes(), t.options().device(c10::DeviceType::Meta)); };
+  }
+  SUBCASE("a transform whose result does not fit the compute device") {
+    bad = [](const at::Tensor& t) { return t.to(at::kDouble); };  // 8000 bytes next to the 1000-byte copy
+  }
+  SUBCASE("a transform that returns nothing") { bad = [](const at::Tensor&) { return at::Tensor(); }; }
+  if (bad) {
+    auto unit = home_unit(pool, device_id::sim(1), "q", {quantized});
+    unit.after_fetch = {bad};
+    at::Tensor handle = unit.handles[0];
+    const void* home_ptr = unit.home_data[0].data.data_ptr();
+    distorch::residency_manager manager(pool, device_id::sim(0), just(std::move(unit)), {.prefetch_depth = 0});
+    CHECK_THROWS_AS(manager.enter(0), distorch::device_error);
+    CHECK(pool.used(device_id::sim(0)) == 0);
+    CHECK(!manager.resident(0));
+    CHECK(!manager.running(0));
+    CHECK(handle.data_ptr() == home_ptr);
+  }
+}
+
+TEST_CASE("inside a pass a unit re-entered while still staged is not fetched again") {
+  auto pool = test_models::sim_pool(1 << 20);
+  std::vector<distorch::residency_unit> units;
+  units.push_back(home_unit(pool, device_id::sim(1), "a", {at::randn({64})}));
+  units.push_back(home_unit(pool, device_id::sim(0), "b", {at::randn({64})}));
+  units.push_back(home_unit(pool, device_id::sim(1), "c", {at::randn({64})}));
+  distorch::residency_manager manager(pool, device_id::sim(0), std::move(units), {.prefetch_depth = 0});
+  // Outside a pass: each leave releases.
+  for (int k = 0; k < 3; ++k) {
+    manager.enter(0);
+    manager.leave(0);
+  }
+  CHECK(manager.stats().fetches == 3);
+  CHECK(!manager.resident(0));
+  manager.reset_stats();
+  {
+    auto pass = manager.pass();
+    for (int k = 0; k < 3; ++k) {
+      manager.enter(0);
+      manager.leave(0);
+      CHECK(manager.resident(0));  // kept for re-entry
+    }
+    CHECK(manager.stats().fetches == 1);
+    CHECK(manager.stats().reentries == 2);
+    manager.enter(1);  // another unit enters: the kept one goes home
+    CHECK(!manager.resident(0));
+    CHECK(pool.used(device_id::sim(0)) == 64 * sizeof(float));  // only b, homed on the compute device
+    manager.leave(1);
+    manager.enter(2);
+    manager.leave(2);
+    CHECK(manager.resident(2));
+  }
+  CHECK(!manager.resident(2));  // the pass ended
+  CHECK(manager.stats().fetches == 2);
+  CHECK(manager.stats().releases == 2);
+}
+
+namespace {
+
+struct three_layer_block_impl : torch::nn::Module {
+  distorch::nn::Linear fc1{register_module("fc1", distorch::nn::Linear(16, 32))};
+  distorch::nn::Linear fc2{register_module("fc2", distorch::nn::Linear(32, 32))};
+  distorch::nn::Linear fc3{register_module("fc3", distorch::nn::Linear(32, 16))};
+  at::Tensor forward(const at::Tensor& x) { return fc3(fc2(fc1(x).relu()).relu()) + x; }
+};
+TORCH_MODULE_IMPL(three_layer_block, three_layer_block_impl);
+
+struct block_stack_impl : torch::nn::Module {
+  torch::nn::ModuleList blocks{register_module("blocks", torch::nn::ModuleList())};
+  distorch::nn::Linear head{register_module("head", distorch::nn::Linear(16, 4))};
+  explicit block_stack_impl(int n) {
+    for (int i = 0; i < n; ++i) blocks->push_back(three_layer_block());
+  }
+  at::Tensor forward(at::Tensor x) {
+    for (const auto& b : *blocks) x = b->as<three_layer_block_impl>()->forward(x);
+    return head(x);
+  }
+};
+TORCH_MODULE_IMPL(block_stack, block_stack_impl);
+
+}  // namespace
+
+TEST_CASE("a grouped block driven only by its three inner layers is fetched once per forward") {
+  for (std::size_t depth : {0u, 1u, 2u}) {
+    CAPTURE(depth);
+    test_models::deterministic();
+    block_stack model(3), reference(3);
+    for (const auto& p : reference->named_parameters(true)) {
+      at::Tensor h = p.value();
+      h.set_data(model->named_parameters(true)[p.key()].detach().clone());
+    }
+    auto pool = test_models::sim_pool(1 << 20);
+    distorch::distribute_spec spec;
+    spec.compute = device_id::sim(0);
+    spec.streaming.prefetch_depth = depth;
+    spec.grouping = {{R"(blocks\.\d+)"}};
+    spec.planning.tiny_ppm = 0;
+    const auto inv = distorch::bind_units(*model, spec.grouping).units;
+    distorch::placement_plan plan;
+    plan.compute = device_id::sim(0);
+    std::size_t blocks = 0;
+    for (const auto& u : inv.units()) {
+      const bool block = u.name.rfind("blocks.", 0) == 0;
+      blocks += block ? 1 : 0;
+      plan.units.push_back({u.name, block ? device_id::sim(1) : device_id::sim(0), u.bytes, distorch::placement_reason::policy});
+    }
+    REQUIRE(blocks == 3);
+    distorch::DistributedModule<block_stack> dm(model, pool, plan, spec);
+    const std::uint64_t resident = pool.used(device_id::sim(0));
+    const at::Tensor x = at::randn({2, 16});
+    const at::Tensor expected = reference->forward(x);
+    for (int pass = 0; pass < 2; ++pass) {
+      dm.reset_stats();
+      CHECK(test_models::bit_identical(dm.forward(x), expected));  // forward is one pass
+      const auto s = dm.stats();
+      CHECK(s.fetches == blocks);
+      CHECK(s.reentries == 2 * blocks);  // fc2 and fc3 found their block staged
+      CHECK(s.releases == blocks);
+      for (std::size_t u = 0; u < inv.size(); ++u) CHECK(dm.residency().resident(u) == !dm.residency().streams(u));
+      CHECK(pool.used(device_id::sim(0)) == resident);
+    }
+    CHECK(pool.peak(device_id::sim(0)) <= pool.capacity(device_id::sim(0)));
+  }
+}
+
+TEST_CASE("staging_ring: bounded bytes, chunked bit-identical copies, slot reuse") {
+  distorch::simulated_device host_books(device_id::cpu(), 1 << 20);
+  auto host = distorch::accounting_for(host_books);
+  const std::uint64_t ask = 1001;
+  distorch::staging_ring ring(host, ask, 2);
+  CHECK(ring.slots() == 2);
+  CHECK(ring.slot_bytes() == ask / 2);
+  CHECK(ring.bytes() <= ask);
+  CHECK(host_books.used() == ring.bytes());
+
+  const at::Tensor source = at::randn({750});  // 3000 bytes: six slot-sized chunks
+  const std::uint64_t bytes = source.numel() * source.element_size();
+  at::Tensor out = at::empty_like(source);
+  ring.copy(source, out, std::nullopt);
+  CHECK(test_models::bit_identical(out, source));
+  const auto chunks = (bytes + ring.slot_bytes() - 1) / ring.slot_bytes();
+  CHECK(ring.stats().chunks == chunks);
+  CHECK(ring.stats().bytes == bytes);
+  CHECK(ring.stats().slot_reuses == chunks - ring.slots());
+  CHECK(ring.stats().slot_waits == 0);  // synchronous copies never leave a slot in flight
+  CHECK(host_books.peak() == ring.bytes());  // no hidden host staging
+
+  // A tensor smaller than a slot is one chunk; an empty one none.
+  at::Tensor small = at::randn({3}), small_out = at::empty_like(small);
+  ring.copy(small, small_out, std::nullopt);
+  CHECK(test_models::bit_identical(small_out, small));
+  CHECK(ring.stats().chunks == chunks + 1);
+  at::Tensor empty = at::empty({0}), empty_out = at::empty({0});
+  ring.copy(empty, empty_out, std::nullopt);
+  CHECK(ring.stats().chunks == chunks + 1);
+
+  // Rejected: mismatched sizes, strided tensors, rings that cannot be split.
+  at::Tensor wrong = at::empty({749});
+  CHECK_THROWS_AS(ring.copy(source, wrong, std::nullopt), distorch::device_error);
+  at::Tensor strided = at::randn({10, 10}).t();
+  at::Tensor strided_out = at::empty({10, 10});
+  CHECK_THROWS_AS(ring.copy(strided, strided_out, std::nullopt), distorch::device_error);
+  CHECK_THROWS_AS(distorch::staging_ring(host, 1000, 0), distorch::device_error);
+  CHECK_THROWS_AS(distorch::staging_ring(host, 1, 2), distorch::device_error);
+  distorch::simulated_device tiny(device_id::cpu(), 100);
+  auto tiny_host = distorch::accounting_for(tiny);
+  CHECK_THROWS_AS(distorch::staging_ring(tiny_host, 1000, 2), distorch::device_error);
+}
+
+TEST_CASE("CPU-homed units fetched through a staging ring: bounded ring, bit-identical output, chunking and stats") {
+  for (std::size_t depth : {0u, 1u, 2u}) {
+    CAPTURE(depth);
+    test_models::deterministic();
+    auto model = test_models::mlp_stack(64, 4);  // Linear(64, 64): a 16 KiB weight, larger than the ring
+    auto reference = test_models::mlp_stack(64, 4);
+    for (const auto& p : reference->named_parameters(true)) {
+      at::Tensor h = p.value();
+      h.set_data(model->named_parameters(true)[p.key()].detach().clone());
+    }
+    auto pool = test_models::sim_pool(1 << 20);
+    distorch::distribute_spec spec;
+    spec.compute = device_id::sim(0);
+    spec.streaming.prefetch_depth = depth;
+    spec.streaming.staging_ring_bytes = 6000;
+    spec.streaming.staging_ring_slots = 3;
+    const auto inv = distorch::bind_units(*model).units;
+    distorch::placement_plan plan;
+    plan.compute = device_id::sim(0);
+    for (std::size_t i = 0; i < inv.size(); ++i)
+      plan.units.push_back({inv[i].name, i % 2 == 0 ? device_id::cpu() : device_id::sim(1), inv[i].bytes,
+                            distorch::placement_reason::policy});
+    const std::uint64_t host_before = pool.used(device_id::cpu());
+    distorch::DistributedModule<torch::nn::Sequential> dm(model, pool, plan, spec);
+    const auto* ring = dm.residency().ring();
+    REQUIRE(ring != nullptr);
+    CHECK(ring->bytes() <= spec.streaming.staging_ring_bytes);
+    CHECK(ring->slots() == 3);
+    // The host books hold the CPU homes and the ring, nothing more.
+    std::uint64_t cpu_homes = 0, expected_chunks = 0, ring_bytes = 0;
+    for (std::size_t i = 0; i < dm.residency().size(); ++i) {
+      const auto& u = dm.residency().unit(i);
+      if (!u.home.is_cpu()) continue;
+      for (const auto& h : u.home_data) {
+        const std::uint64_t b = h.data.numel() * h.data.element_size();
+        cpu_homes += b;
+        ring_bytes += b;
+        expected_chunks += (b + ring->slot_bytes() - 1) / ring->slot_bytes();
+      }
+    }
+    CHECK(pool.used(device_id::cpu()) == host_before + cpu_homes + ring->bytes());
+    const at::Tensor x = at::randn({3, 64});
+    dm.forward(x);
+    dm.reset_stats();
+    CHECK(test_models::bit_identical(dm.forward(x), reference->forward(x)));
+    const auto s = dm.stats();
+    CHECK(s.ring_chunks == expected_chunks);  // each CPU-homed unit once per forward
+    CHECK(s.ring_bytes == ring_bytes);
+    CHECK(s.bytes_fetched > s.ring_bytes);   // sim:1-homed units are copied directly
+    CHECK(ring->stats().slot_reuses > 0);
+    CHECK(pool.peak(device_id::sim(0)) <= pool.capacity(device_id::sim(0)));
+    CHECK(pool.peak(device_id::cpu()) <= pool.capacity(device_id::cpu()));
+  }
+}
+
+TEST_CASE("choose_host_staging: pinning every CPU home only when it fits, else a bounded ring") {
+  distorch::streaming_options o;
+  const std::uint64_t gib = 1ull << 30, mib = 1ull << 20;
+  const distorch::memory_figures host{16 * gib, 12 * gib};
+  auto c = distorch::choose_host_staging(o, true, 6 * gib, 100 * mib, host);
+  CHECK(c.pin_homes);
+  CHECK(c.ring_bytes == 0);
+  // More than half the RAM: a ring of twice the largest unit instead.
+  c = distorch::choose_host_staging(o, true, 9 * gib, 100 * mib, host);
+  CHECK(!c.pin_homes);
+  CHECK(c.ring_bytes == 2 * 100 * mib);
+  CHECK(c.reason.find("does not fit") != std::string::npos);
+  // Under the limit but more than is free now.
+  c = distorch::choose_host_staging(o, true, 6 * gib, 100 * mib, distorch::memory_figures{16 * gib, 5 * gib});
+  CHECK(!c.pin_homes);
+  // The fallback ring is clamped.
+  CHECK(distorch::choose_host_staging(o, true, 9 * gib, 4 * gib, host).ring_bytes == distorch::fallback_ring_max);
+  CHECK(distorch::choose_host_staging(o, true, 9 * gib, 1, host).ring_bytes == distorch::fallback_ring_min);
+  // Unknown host memory: not risked.
+  CHECK(!distorch::choose_host_staging(o, true, 1 * mib, 1 * mib, std::nullopt).pin_homes);
+  // An explicit limit.
+  o.pinned_limit = 4 * gib;
+  CHECK(!distorch::choose_host_staging(o, true, 6 * gib, 100 * mib, host).pin_homes);
+  o.pinned_limit = 0;
+  // A ring asked for, pinning off, or a device that copies synchronously: nothing is pinned.
+  o.staging_ring_bytes = 64 * mib;
+  c = distorch::choose_host_staging(o, true, 1 * gib, 100 * mib, host);
+  CHECK(!c.pin_homes);
+  CHECK(c.ring_bytes == 64 * mib);
+  o.staging_ring_bytes = 0;
+  o.pinned_host = false;
+  CHECK((distorch::choose_host_staging(o, true, 1 * gib, 100 * mib, host) == distorch::host_staging_choice{false, 0, "pinned host memory is off"}));
+  o.pinned_host = true;
+  CHECK(!distorch::choose_host_staging(o, false, 1 * gib, 100 * mib, host).pin_homes);
+  CHECK(!distorch::choose_host_staging(o, true, 0, 0, host).pin_homes);
+}
+
+TEST_CASE("copy time on the CPU is the time the synchronous copies took") {
+  auto pool = test_models::sim_pool(64 << 20, 64 << 20);
+  std::vector<distorch::residency_unit> units;
+  units.push_back(home_unit(pool, device_id::sim(1), "big", {at::randn({1 << 20})}));
+  distorch::residency_manager manager(pool, device_id::sim(0), std::move(units), {.prefetch_depth = 0});
+  const auto start = std::chrono::steady_clock::now();
+  for (int k = 0; k < 3; ++k) {
+    manager.enter(0);
+    manager.leave(0);
+  }
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const auto s = manager.stats();
+  CHECK(s.fetches == 3);
+  CHECK(s.copy_seconds > 0);      // 4 MiB copied three times takes measurable time
+  CHECK(s.copy_seconds <= wall);  // and no more than the whole loop
+  CHECK(s.wait_seconds >= s.copy_seconds);  // each entry waited for its own synchronous copy
 }

@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <unistd.h>
 #include <vector>
@@ -48,8 +49,26 @@ inline const std::string allocation_grammar_help = R"(Allocation strings (compat
   override  blocks\.(0|1)\..*=cuda:1;...  pin units whose name matches the regex (first wins)
 )";
 
-/// True when stdout is a terminal (progress bars only then).
+/// True when stdout / stderr is a terminal (progress bars draw on stderr only then).
 inline bool stdout_is_terminal() { return ::isatty(STDOUT_FILENO) == 1; }
 inline bool stderr_is_terminal() { return ::isatty(STDERR_FILENO) == 1; }
+
+/// An error message as one line: runs of control characters (newlines from CLI11, LibTorch or a
+/// file name) become one space, so every error is exactly one line on stderr.
+inline std::string one_line(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  bool gap = false;
+  for (const char c : text) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      gap = true;
+      continue;
+    }
+    if (gap && !out.empty()) out += ' ';
+    gap = false;
+    out += c;
+  }
+  return out;
+}
 
 }  // namespace distorch::cli

@@ -131,19 +131,26 @@ int print_tensor(const distorch::weight_source& src, const std::string& name, bo
 distorch::cli::command_registration inspect_command{{"inspect", 10, [](CLI::App& app, auto set_action) {
   auto* sub = app.add_subcommand("inspect", "Show a weight file's format, metadata and tensors, or one tensor's values");
   auto args = std::make_shared<inspect_args>();
-  sub->add_option("FILE", args->file, "A .safetensors file or a model.safetensors.index.json")->required();
+  sub->add_option("FILE", args->file,
+                  "A weight file: .safetensors, model.safetensors.index.json, .gguf, or a PyTorch .bin/.pt")
+      ->required();
   sub->add_option("--tensor", args->tensor, "Show only this tensor");
-  sub->add_flag("--values", args->values, "With --tensor: print its values as float");
+  sub->add_flag("--values", args->values, "With --tensor: print its values as float (GGUF blocks dequantized)");
   sub->add_flag("--json", args->json, "Print as JSON");
   sub->footer(
+      "Only the headers are read, unless --values asks for one tensor's data.\n"
       "Examples:\n"
       "  distorch inspect model.safetensors\n"
       "  distorch inspect ckpt/model.safetensors.index.json --json\n"
-      "  distorch inspect model.safetensors --tensor blocks.0.attn.qkv.weight --values");
+      "  distorch inspect llama-q4_k.gguf --tensor blk.0.attn_q.weight\n"
+      "  distorch inspect model.safetensors --tensor blocks.0.attn.qkv.weight --values\n"
+      "Exit codes: 0 ok, 1 bad input (unreadable or malformed file, unknown tensor), 2 internal error.");
   sub->callback([args, set_action] {
     set_action([args] {
       if (args->values && args->tensor.empty())
-        throw distorch::cli::usage_error("--values needs --tensor NAME: say which tensor to print");
+        throw distorch::cli::usage_error(
+            "inspect " + args->file + ": --values needs --tensor NAME (fix: name the tensor to print, e.g. --tensor " +
+            "blocks.0.weight --values; 'distorch inspect " + args->file + "' lists them)");
       const auto src = distorch::open_weights(args->file);
       if (!args->tensor.empty()) return print_tensor(*src, args->tensor, args->values, args->json);
       return print_listing(*src, args->json);

@@ -12,7 +12,7 @@ distorch::cli::command_registration version_command{{"version", 900, [](CLI::App
   auto* sub = app.add_subcommand("version", "Print the distorch and LibTorch versions");
   auto json = std::make_shared<bool>(false);
   sub->add_flag("--json", *json, "Print as JSON");
-  sub->footer("Example:\n  distorch version --json");
+  sub->footer("Examples:\n  distorch version\n  distorch version --json");
   sub->callback([json, set_action] {
     set_action([json] {
       if (*json) {

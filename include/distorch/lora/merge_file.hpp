@@ -32,6 +32,7 @@
 #include <nlohmann/json.hpp>
 
 #include "distorch/core/error.hpp"
+#include "distorch/core/progress.hpp"
 #include "distorch/io/safetensors.hpp"
 #include "distorch/io/weight_source.hpp"
 #include "distorch/lora/binding.hpp"
@@ -43,6 +44,9 @@ namespace distorch::inline v0 {
 struct merge_file_options {
   binding_options binding;                           ///< strictness and prefix rules
   c10::Device compute_device = c10::Device(c10::kCPU);
+  /// Called after each tensor is written, as ("merging", written, total, "tensors"); a big model
+  /// takes minutes, so a program can show how far it is. Empty: no reports.
+  progress_callback progress;
 };
 
 /// What was written.
@@ -111,6 +115,7 @@ class atomic_output_file {
 /// \code
 ///   distorch::merge_file_options o;
 ///   o.binding.strict = true;
+///   o.progress = [](const distorch::progress_report& p) { std::fprintf(stderr, "\r%llu/%llu", (unsigned long long)p.done, (unsigned long long)p.total); };
 ///   distorch::merge_to_file(*model, adapters, "merged.safetensors", o);
 /// \endcode
 inline merge_file_report merge_to_file(const weight_source& model, const adapter_set& adapters, const std::string& out_path,
@@ -155,6 +160,7 @@ inline merge_file_report merge_to_file(const weight_source& model, const adapter
   out.write(length, 8);
   out.write(json.data(), json.size());
   merge_file_report report;
+  report_progress(options.progress, "merging", 0, order.size(), "tensors");
   for (const auto* r : order) {
     at::Tensor t = model.load(r->name);
     if (const auto* patches = binding.patches_for(r->name)) {
@@ -174,6 +180,7 @@ inline merge_file_report merge_to_file(const weight_source& model, const adapter
                           "check the model file"});
     out.write(t.data_ptr(), bytes);
     ++report.tensors;
+    report_progress(options.progress, "merging", report.tensors, order.size(), "tensors");
   }
   out.commit();
   report.binding = binding.report();

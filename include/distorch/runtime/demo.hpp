@@ -5,7 +5,8 @@
 /// folder, loads them through `DistributedModule` with a bytes policy across the devices found (on
 /// a machine without GPUs: a simulated compute device too small for the model, plus the CPU), runs
 /// forward several times, and compares against the same model run undistributed with the LoRA
-/// merged. The difference must be exactly 0.
+/// merged by lora/ directly. The difference must be exactly 0. `options::progress` receives the
+/// load's progress (one "loading" step per unit).
 ///
 /// Example:
 /// \code
@@ -21,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -38,20 +40,29 @@
 #include <torch/nn/pimpl.h>
 
 #include "distorch/core/bytes.hpp"
+#include "distorch/core/progress.hpp"
 #include "distorch/device/discover.hpp"
 #include "distorch/device/device.hpp"
 #include "distorch/io/open.hpp"
 #include "distorch/io/torch_tensor.hpp"
+#include "distorch/lora/adapter.hpp"
+#include "distorch/lora/load_adapter.hpp"
+#include "distorch/lora/patcher.hpp"
 #include "distorch/placement/plan_io.hpp"
 #include "distorch/runtime/distributed_module.hpp"
 #include "distorch/runtime/layers.hpp"
-#include "distorch/runtime/low_rank.hpp"
 
 namespace distorch::inline v0 {
 namespace demo {
 
 /// Pre-norm attention + MLP block, every layer a `distorch::nn` layer.
+/// \code
+///   distorch::demo::attention_block block(64, 256);
+///   at::Tensor y = block->forward(at::randn({2, 8, 64}));
+/// \endcode
 struct attention_block_impl : torch::nn::Module {
+  /// `width` features in and out, `hidden` in the MLP.
+  /// \code distorch::demo::attention_block_impl block(64, 256); \endcode
   attention_block_impl(std::int64_t width, std::int64_t hidden)
       : width(width),
         norm1(register_module("norm1", nn::LayerNorm(torch::nn::LayerNormOptions({width})))),
@@ -61,6 +72,8 @@ struct attention_block_impl : torch::nn::Module {
         fc1(register_module("fc1", nn::Linear(width, hidden))),
         fc2(register_module("fc2", nn::Linear(hidden, width))) {}
 
+  /// x: [batch, tokens, width] -> the same shape.
+  /// \code at::Tensor y = block.forward(at::randn({1, 4, 64})); \endcode
   at::Tensor forward(const at::Tensor& x) {
     auto parts = qkv(norm1(x)).chunk(3, -1);
     auto scores = parts[0].matmul(parts[1].transpose(-2, -1)).div(std::sqrt(static_cast<double>(width)));
@@ -74,10 +87,17 @@ struct attention_block_impl : torch::nn::Module {
   nn::LayerNorm norm2;
   nn::Linear fc1, fc2;
 };
+/// The holder of `attention_block_impl`. \code distorch::demo::attention_block block(64, 256); \endcode
 TORCH_MODULE_IMPL(attention_block, attention_block_impl);
 
 /// Embedding projection, `blocks` attention blocks in a ModuleList, final norm and head.
+/// \code
+///   distorch::demo::tiny_transformer model(64, 256, 4);
+///   at::Tensor y = model->forward(at::randn({2, 8, 64}));
+/// \endcode
 struct tiny_transformer_impl : torch::nn::Module {
+  /// `blocks_count` blocks of `width` features with MLPs of `hidden`.
+  /// \code distorch::demo::tiny_transformer_impl model(64, 256, 4); \endcode
   tiny_transformer_impl(std::int64_t width, std::int64_t hidden, int blocks_count)
       : embed(register_module("embed", nn::Linear(width, width))),
         blocks(register_module("blocks", torch::nn::ModuleList())),
@@ -86,6 +106,8 @@ struct tiny_transformer_impl : torch::nn::Module {
     for (int i = 0; i < blocks_count; ++i) blocks->push_back(attention_block(width, hidden));
   }
 
+  /// x: [batch, tokens, width] -> the same shape.
+  /// \code at::Tensor y = model.forward(at::randn({1, 4, 64})); \endcode
   at::Tensor forward(const at::Tensor& x) {
     at::Tensor h = embed(x);
     for (const auto& block : *blocks) h = block->as<attention_block_impl>()->forward(h);
@@ -97,9 +119,11 @@ struct tiny_transformer_impl : torch::nn::Module {
   nn::LayerNorm norm;
   nn::Linear head;
 };
+/// The holder of `tiny_transformer_impl`. \code distorch::demo::tiny_transformer model(64, 256, 4); \endcode
 TORCH_MODULE_IMPL(tiny_transformer, tiny_transformer_impl);
 
 /// Every parameter and buffer of a module by name, for writing a weight file.
+/// \code distorch::save_safetensors("model.safetensors", distorch::demo::named_tensors(*model)); \endcode
 inline std::vector<std::pair<std::string, at::Tensor>> named_tensors(torch::nn::Module& m) {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& p : m.named_parameters(true)) out.emplace_back(p.key(), p.value().detach());
@@ -107,7 +131,9 @@ inline std::vector<std::pair<std::string, at::Tensor>> named_tensors(torch::nn::
   return out;
 }
 
-/// A rank-`rank` LoRA on every block's qkv and fc1, as safetensors tensors.
+/// A rank-`rank` LoRA on every block's qkv and fc1, as safetensors tensors (kohya key names,
+/// `<module>.lora_up.weight` / `.lora_down.weight` / `.alpha`, which lora/ reads).
+/// \code distorch::save_safetensors("lora.safetensors", distorch::demo::make_lora(*model, 8)); \endcode
 inline std::vector<std::pair<std::string, at::Tensor>> make_lora(torch::nn::Module& model, std::int64_t rank) {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& p : model.named_parameters(true)) {
@@ -122,6 +148,7 @@ inline std::vector<std::pair<std::string, at::Tensor>> make_lora(torch::nn::Modu
   return out;
 }
 
+/// What the demo does. \code distorch::demo::run({.forwards = 5, .prefetch_depth = 1}); \endcode
 struct options {
   int forwards = 3;
   std::int64_t width = 64;
@@ -129,8 +156,12 @@ struct options {
   int blocks = 4;
   std::size_t prefetch_depth = 2;
   double lora_strength = 0.8;
+  /// Receives the load's progress ("loading", one step per unit); forwarded to
+  /// `distribute_spec::progress`.
+  progress_callback progress;
 };
 
+/// What the demo found; `report` and `json` show all of it.
 struct result {
   placement_plan plan;
   streaming_stats stats;
@@ -183,8 +214,7 @@ inline result run(const options& opt = {}) {
   const at::Tensor input = at::randn({2, 8, opt.width});
 
   std::shared_ptr<const weight_source> weights = open_weights(model_path);
-  low_rank_set adapters;
-  adapters.add(low_rank_adapter::from_source("demo-lora", *open_weights(lora_path)), opt.lora_strength);
+  const adapter_set adapters{{std::make_shared<const adapter>(load_adapter(lora_path)), opt.lora_strength}};
 
   // 2. The devices: real accelerators when there are any, else a simulated GPU that is too small.
   const topology found = discover();
@@ -212,6 +242,7 @@ inline result run(const options& opt = {}) {
   spec.weights = {weights};
   spec.adapters = adapters;
   spec.streaming.prefetch_depth = opt.prefetch_depth;
+  spec.progress = opt.progress;
   at::manual_seed(7);  // a different init: every weight the model uses must come from the file
   tiny_transformer model(opt.width, opt.hidden, opt.blocks);
   DistributedModule dm(model, pool, policy_from_string(allocation), spec);
@@ -219,16 +250,15 @@ inline result run(const options& opt = {}) {
   at::Tensor out;
   for (int i = 0; i < opt.forwards; ++i) out = dm.forward(input.to(where));
 
-  // 4. The same model undistributed, with the LoRA merged the same way, on the same device.
+  // 4. The same model undistributed, with the LoRA merged by lora/ directly, on the same device.
   at::manual_seed(11);
   tiny_transformer reference(opt.width, opt.hidden, opt.blocks);
-  auto merge_from_file = [&](const std::string& name, at::Tensor handle) {
-    at::Tensor w = weights->load(name).to(where, /*non_blocking=*/false, /*copy=*/true);
-    w.copy_(adapters.patch(name, w));
-    handle.set_data(w);
-  };
-  for (const auto& p : reference->named_parameters(true)) merge_from_file(p.key(), p.value());
-  for (const auto& b : reference->named_buffers(true)) merge_from_file(b.key(), b.value());
+  std::map<std::string, at::Tensor> merged;
+  for (const auto& [name, t] : named_tensors(*reference))
+    merged.emplace(name, weights->load(name).to(where, /*non_blocking=*/false, /*copy=*/true));
+  patch(merged, adapters, where);
+  for (const auto& p : reference->named_parameters(true)) p.value().set_data(merged.at(p.key()));
+  for (const auto& b : reference->named_buffers(true)) b.value().set_data(merged.at(b.key()));
   const at::Tensor expected = reference->forward(input.to(where));
 
   result r;

@@ -37,6 +37,7 @@
 namespace distorch::inline v0 {
 
 /// One device of a pool.
+/// \code const distorch::pool_device& d = pool.at(distorch::device_id::sim(0)); d.budget->used(); \endcode
 struct pool_device {
   device_id id;
   c10::Device torch_device{c10::DeviceType::CPU};
@@ -45,16 +46,20 @@ struct pool_device {
   std::string name;
 
   /// True when copies to and from it are synchronous host copies (cpu and simulated devices).
+  /// \code if (!d.host_backed()) use_streams(); \endcode
   bool host_backed() const noexcept { return torch_device.type() == c10::DeviceType::CPU; }
 };
 
 /// Called before every reservation with the device, the byte count and what is being done. It may
 /// throw (a distorch::error) to make that allocation fail.
+/// \code distorch::allocation_probe p = [](const auto& id, auto bytes, auto doing) { trace(id, bytes, doing); }; \endcode
 using allocation_probe = std::function<void(const device_id&, std::uint64_t, std::string_view)>;
 
 /// The devices a distributed model may use, in the order added.
+/// \code distorch::device_pool pool; pool.add_host(); \endcode
 class device_pool {
  public:
+  /// An empty pool. \code distorch::device_pool pool; \endcode
   device_pool() = default;
 
   /// A pool of simulated devices, e.g. from `simulated_devices(parse_topology("sim:0=64MiB,cpu=1GiB"))`.
@@ -90,8 +95,10 @@ class device_pool {
     return add(real_device(device_info{device_id::cpu(), total, ram ? ram->free : 0, false, "host RAM"}));
   }
 
+  /// True when the pool has this device. \code if (pool.contains(distorch::device_id::cpu())) ...; \endcode
   bool contains(const device_id& id) const noexcept { return find(id) != nullptr; }
 
+  /// The device with this id, or null. \code if (auto* d = pool.find(id)) d->budget->used(); \endcode
   const pool_device* find(const device_id& id) const noexcept {
     for (const auto& d : devices_)
       if (d.id == id) return &d;
@@ -99,6 +106,7 @@ class device_pool {
   }
 
   /// The device with this id; `device_error` naming it when the pool has no such device.
+  /// \code pool.at(distorch::device_id::sim(0)).torch_device; \endcode
   const pool_device& at(const device_id& id) const {
     if (const auto* d = find(id)) return *d;
     throw device_error({"looking up device in the device pool", id.str(), std::nullopt,
@@ -106,17 +114,22 @@ class device_pool {
                         "add the device to the pool, or plan with the devices the pool has"});
   }
 
+  /// Every device, in the order added. \code for (const auto& d : pool.devices()) d.id.str(); \endcode
   const std::vector<pool_device>& devices() const noexcept { return devices_; }
 
   /// The pool as the planner sees it: total = capacity, free = what is not booked.
+  /// \code auto plan = distorch::make_plan(inv, pool.topo(), compute, policy); \endcode
   topology topo() const {
     topology t;
     for (const auto& d : devices_) t.devices.push_back({d.id, d.budget->capacity(), d.budget->available(), d.simulated, d.name});
     return t;
   }
 
+  /// Bytes booked on a device now. \code pool.used(distorch::device_id::sim(0)); \endcode
   std::uint64_t used(const device_id& id) const { return at(id).budget->used(); }
+  /// Most bytes booked there at once. \code CHECK(pool.peak(id) <= pool.capacity(id)); \endcode
   std::uint64_t peak(const device_id& id) const { return at(id).budget->peak(); }
+  /// What the device's books allow. \code pool.capacity(distorch::device_id::sim(0)); \endcode
   std::uint64_t capacity(const device_id& id) const { return at(id).budget->capacity(); }
 
   /// Installs (or with an empty function removes) the allocation probe.
@@ -132,7 +145,7 @@ class device_pool {
     return ::distorch::reserve(d.budget, bytes, doing);
   }
 
-  /// "sim:0, cpu"
+  /// The device names, comma-separated. \code pool.names();   // "sim:0, cpu" \endcode
   std::string names() const {
     std::string s;
     for (const auto& d : devices_) s += (s.empty() ? "" : ", ") + d.id.str();

@@ -7,14 +7,22 @@
 /// 1. read its tensors (from the weight sources, zero-copy where the reader maps the file, or from
 ///    the module's own current tensors);
 /// 2. copy them to the compute device (one unit in flight, booked there);
-/// 3. patch them with the adapters that target them, in fp32, rounded once;
+/// 3. merge the adapters that target them (lora/: LoRA, LoHa, LoKr, DoRA, diff, diff_b,
+///    set_weight) in float32 on the compute device, rounded once to the storage dtype;
 /// 4. copy them to the unit's home (or keep them there when the home is the compute device);
 /// 5. drop the staging copy.
-/// So the compute device holds at most its resident units + one unit + the patch scratch; the
-/// whole model is never staged there. The load is a transaction: if any unit fails (allocation,
-/// I/O, a bad adapter), every handle gets its original tensor back (the originals are never written,
-/// so they are bit-identical) and every byte booked on the way is given back before the error
-/// propagates.
+/// So the compute device holds at most its resident units + one unit + the merge scratch; the
+/// whole model is never staged there. The adapters are bound to the model's tensor names and
+/// shapes before anything moves, so an adapter that does not fit fails first. The load is a
+/// transaction: if any unit fails (allocation, I/O, a bad adapter), every handle gets its original
+/// tensor back (the originals are never written, so they are bit-identical) and every byte booked
+/// on the way is given back before the error propagates.
+///
+/// GGUF files with `keep_quantized`: a block-quantized tensor of a unit homed off the compute
+/// device stays in its ggml encoding at home (the raw blocks, a fraction of the float32 bytes) and
+/// is dequantized on the compute device after each fetch, so only the quantized bytes cross the
+/// link. Units homed on the compute device, and tensors an adapter patches, are dequantized when
+/// they load (a patched weight cannot be re-quantized exactly).
 ///
 /// Forward:
 /// - `torch::nn::Sequential`: each child runs with its units staged, and the manager prefetches.
@@ -31,9 +39,10 @@
 ///   distorch::device_pool pool;
 ///   pool.add(distorch::simulated_device(distorch::device_id::sim(0), 8ull << 20)).add_host();
 ///   distorch::distribute_spec spec{.compute = distorch::device_id::sim(0)};
+///   spec.adapters = {{std::make_shared<distorch::adapter>(distorch::load_adapter("style.safetensors")), 0.8}};
 ///   distorch::DistributedModule dm(model, pool, distorch::policy_from_string("sim:0,4mb;cpu,*"), spec);
 ///   at::Tensor y = dm.forward(x);
-///   std::cout << distorch::plan_table(dm.plan()) << dm.stats().str() << '\n';
+///   std::cout << distorch::format_plan_table(dm.plan()) << dm.stats().str() << '\n';
 /// \endcode
 
 #include <algorithm>
@@ -45,26 +54,33 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/sequential.h>
 
 #include "distorch/core/bytes.hpp"
 #include "distorch/core/error.hpp"
+#include "distorch/core/progress.hpp"
+#include "distorch/io/gguf_source.hpp"
 #include "distorch/io/weight_source.hpp"
+#include "distorch/lora/adapter.hpp"
+#include "distorch/lora/binding.hpp"
+#include "distorch/lora/merge.hpp"
 #include "distorch/model/inventory.hpp"
 #include "distorch/placement/any_policy.hpp"
 #include "distorch/placement/plan.hpp"
 #include "distorch/placement/planner.hpp"
 #include "distorch/placement/policy.hpp"
 #include "distorch/runtime/device_pool.hpp"
-#include "distorch/runtime/low_rank.hpp"
+#include "distorch/runtime/host_staging.hpp"
 #include "distorch/runtime/module_units.hpp"
 #include "distorch/runtime/residency.hpp"
 #include "distorch/runtime/streamed.hpp"
@@ -74,14 +90,25 @@
 namespace distorch::inline v0 {
 
 /// What to distribute and how, besides the module, the devices and the policy.
+/// \code
+///   distorch::distribute_spec spec;
+///   spec.compute = distorch::device_id::cuda(0);
+///   spec.weights = {distorch::open_weights("model.gguf")};
+///   spec.adapters = {{std::make_shared<distorch::adapter>(distorch::load_adapter("detail.safetensors")), 0.7}};
+///   spec.keep_quantized = true;
+///   spec.progress = [](const distorch::progress_report& p) { std::fprintf(stderr, "%llu/%llu\r", p.done, p.total); };
+/// \endcode
 struct distribute_spec {
   /// The device forward runs on; must be in the pool.
   device_id compute = device_id::cpu();
   /// Weight files, searched in order for each tensor by its module name; empty = the module's own
   /// current tensors.
   std::vector<std::shared_ptr<const weight_source>> weights;
-  /// Adapters merged during the load, with their strengths.
-  low_rank_set adapters;
+  /// Adapters merged during the load, in order, with their strengths (any kind lora/ reads).
+  adapter_set adapters;
+  /// How adapter keys find the model's tensors: strict mode (unmatched keys are a `lora_error`),
+  /// extra prefix rules, whether unmatched keys are logged.
+  binding_options binding;
   /// Coarsens units, e.g. `{{R"(blocks\.\d+)"}}`: one unit per block.
   std::vector<grouping_rule> grouping;
   streaming_options streaming;
@@ -91,9 +118,16 @@ struct distribute_spec {
   /// `set_adapters` can re-merge any unit. Without it only units some adapter touched at load
   /// time keep theirs. File sources re-read unpatched tensors from the file instead.
   bool keep_unpatched = false;
+  /// GGUF sources: block-quantized tensors of units homed off the compute device stay quantized at
+  /// home and are dequantized on the compute device after each fetch (see the file comment).
+  bool keep_quantized = false;
+  /// Called after each unit is loaded (task "loading", counted in "units"), and after each unit
+  /// is re-merged by `set_strengths` / `set_adapters` (task "merging").
+  progress_callback progress;
 };
 
 /// Bytes per device as the pool books them.
+/// \code for (const distorch::device_usage& m : dm.memory()) std::cout << m.device.str() << ' ' << m.peak << '\n'; \endcode
 struct device_usage {
   device_id device;
   std::uint64_t used = 0;
@@ -118,13 +152,16 @@ inline constexpr bool is_sequential_v = std::is_same_v<std::remove_cvref_t<M>, t
 template <class Module, placement_policy Policy = any_policy, unit_allocator Allocator = booked_copy_allocator>
 class DistributedModule {
  public:
-  /// Plans with `policy` over the pool's devices and loads.
+  /// Plans with `policy` over the pool's devices and loads. Throws `placement_error` when the plan
+  /// does not fit, `format_error` when a weight file lacks a tensor or holds another shape,
+  /// `lora_error` when an adapter does not fit the model, and `device_error` when a copy cannot be
+  /// made; in every case the module is left as it was.
   /// \code distorch::DistributedModule dm(seq, pool, distorch::policy_from_string("sim:0,2mb;cpu,*"), spec); \endcode
   DistributedModule(Module module, device_pool pool, Policy policy, distribute_spec spec, Allocator allocator = {})
       : module_(std::move(module)), pool_(std::move(pool)), policy_(std::move(policy)), spec_(std::move(spec)),
         allocator_(std::move(allocator)) {
     bind();
-    plan_ = make_plan_for(policy_, pool_.topo());
+    plan_ = with_home_bytes(make_plan_for(policy_, pool_.topo()));
     load();
   }
 
@@ -133,7 +170,7 @@ class DistributedModule {
   DistributedModule(Module module, device_pool pool, placement_plan plan, distribute_spec spec, Allocator allocator = {})
       : module_(std::move(module)), pool_(std::move(pool)), spec_(std::move(spec)), allocator_(std::move(allocator)) {
     bind();
-    plan_ = aligned(std::move(plan));
+    plan_ = with_home_bytes(aligned(std::move(plan)));
     load();
   }
 
@@ -149,6 +186,9 @@ class DistributedModule {
   template <class... Args>
   decltype(auto) forward(Args&&... args) {
     if (!loaded_) reload();
+    // One pass per call: a unit left inside it stays staged until the next one enters, so a block
+    // driven by several streamed layers is fetched once per forward.
+    auto pass = manager_->pass();
     if constexpr (detail::is_sequential_v<Module> && sizeof...(Args) == 1) {
       at::Tensor x(std::forward<Args>(args)...);
       std::size_t k = 0;
@@ -163,18 +203,38 @@ class DistributedModule {
     }
   }
 
+  /// The module; its parameters are the handles the runtime switches between devices.
+  /// \code dm.module()->eval(); \endcode
   Module& module() noexcept { return module_; }
+  /// The placement in force: unit -> home, per-device totals (home bytes: quantized where a unit
+  /// stays quantized), window and reserve.
+  /// \code std::cout << distorch::format_plan_table(dm.plan()); \endcode
   const placement_plan& plan() const noexcept { return plan_; }
+  /// The module's units in model order.
+  /// \code for (const auto& u : dm.units().units()) std::cout << u.name << '\n'; \endcode
   const inventory& units() const noexcept { return bound_.units; }
+  /// \code dm.pool().used(distorch::device_id::cpu()); \endcode
   const device_pool& pool() const noexcept { return pool_; }
+  /// The spec in force (its adapters carry the current strengths).
+  /// \code double s = dm.spec().adapters[0].strength; \endcode
   const distribute_spec& spec() const noexcept { return spec_; }
+  /// Where the adapters landed: matched keys, and the keys that match no model tensor.
+  /// \code for (const auto& k : dm.adapter_binding().report().unmatched) std::cout << k.key << '\n'; \endcode
+  const distorch::adapter_binding& adapter_binding() const noexcept { return binding_; }
+  /// The residency manager that fetches and releases units.
+  /// \code dm.residency().set_trace([](distorch::residency_event e) { /* ... */ }); \endcode
   residency_manager& residency() noexcept { return *manager_; }
+  /// \code std::size_t n = dm.residency().size(); \endcode
   const residency_manager& residency() const noexcept { return *manager_; }
 
+  /// Streaming statistics since construction or the last `reset_stats()`.
+  /// \code std::cout << dm.stats().str() << '\n'; \endcode
   streaming_stats stats() const { return manager_->stats(); }
+  /// \code dm.reset_stats(); \endcode
   void reset_stats() { manager_->reset_stats(); }
 
   /// Bytes booked on every pool device now (this model and anything else sharing the pool).
+  /// \code for (const auto& m : dm.memory()) std::cout << m.device.str() << ' ' << m.used << '\n'; \endcode
   std::vector<device_usage> memory() const {
     std::vector<device_usage> out;
     for (const auto& d : pool_.devices()) out.push_back({d.id, d.budget->used(), d.budget->capacity(), d.budget->peak()});
@@ -192,41 +252,69 @@ class DistributedModule {
   }
 
   /// Moves units to the plan `policy` makes now, without reloading. Transactional: on failure no
-  /// unit has moved and nothing stays booked.
+  /// unit has moved and nothing stays booked. A quantized unit that moves to the compute device is
+  /// dequantized there; a unit that leaves it stays dequantized (re-quantizing needs the file).
   /// \code dm.replan(distorch::policy_from_string("sim:0,8mb;cpu,*")); \endcode
   template <placement_policy P>
   void replan(const P& policy) {
-    rehome(make_plan_for(policy, topology_without_self()));
+    rehome(with_home_bytes(make_plan_for(policy, topology_without_self())));
   }
 
   /// Moves units to a given plan, without reloading.
-  void replan(const placement_plan& plan) { rehome(aligned(plan)); }
+  /// \code dm.replan(distorch::plan_from_json(text)); \endcode
+  void replan(const placement_plan& plan) { rehome(with_home_bytes(aligned(plan))); }
 
-  /// Changes adapter strengths and re-merges only the units those adapters touch.
-  /// \code dm.set_strengths({{"style", 0.5}}); \endcode
+  /// Changes the strengths of adapters by name (`adapter::name()`: the file path for loaded
+  /// adapters) and re-merges, from the unpatched weights, only the units those adapters touch.
+  /// Strength 0 gives the unpatched weights bit for bit. Throws `lora_error` for an unknown name
+  /// (nothing changes then).
+  /// \code dm.set_strengths({{"style.safetensors", 0.5}}); \endcode
   void set_strengths(const std::map<std::string, double>& strengths) {
-    low_rank_set next = spec_.adapters;
-    std::vector<std::string> changed;
-    for (const auto& [name, s] : strengths) {
-      if (next.strength(name) == s) continue;
-      next.set_strength(name, s);
-      changed.push_back(name);
-    }
+    adapter_set next = spec_.adapters;
     std::vector<bool> touched(bound_.units.size(), false);
-    for (std::size_t i = 0; i < touched.size(); ++i)
-      for (const auto& n : bound_.names[i])
-        for (const auto& a : changed)
-          if (next.touches(a, n)) touched[i] = true;
-    remerge(std::move(next), touched);
+    for (const auto& [name, s] : strengths) {
+      bool found = false;
+      for (std::size_t k = 0; k < next.size(); ++k) {
+        if (!next[k].file || next[k].file->name() != name) continue;
+        found = true;
+        if (next[k].strength == s) continue;
+        next[k].strength = s;
+        mark_touched(binding_, k, touched);
+      }
+      if (!found)
+        throw lora_error({"changing adapter strengths", name, std::nullopt, "no adapter of that name is loaded",
+                          "use a name from dm.spec().adapters (adapter::name(), the file path for loaded adapters)"});
+    }
+    remerge(std::move(next), binding_, touched);
   }
 
-  /// Replaces the adapter set and re-merges only the units touched by the old or the new set.
-  void set_adapters(low_rank_set adapters) {
+  /// Changes the strengths of the adapter at `index` (in `spec().adapters`) and re-merges only the
+  /// units it touches. Throws `lora_error` for an index out of range.
+  /// \code dm.set_strength(1, 0.25); \endcode
+  void set_strength(std::size_t index, double strength, std::optional<double> strength_model = std::nullopt) {
+    if (index >= spec_.adapters.size())
+      throw lora_error({"changing adapter strength", std::to_string(index), std::nullopt,
+                        "there are only " + std::to_string(spec_.adapters.size()) + " adapters",
+                        "pass an index below the number of adapters"});
+    adapter_set next = spec_.adapters;
     std::vector<bool> touched(bound_.units.size(), false);
-    for (std::size_t i = 0; i < touched.size(); ++i)
-      for (const auto& n : bound_.names[i])
-        if (spec_.adapters.touches(n) || adapters.touches(n)) touched[i] = true;
-    remerge(std::move(adapters), touched);
+    if (next[index].strength != strength || (strength_model && *strength_model != next[index].strength_model)) {
+      next[index].strength = strength;
+      if (strength_model) next[index].strength_model = *strength_model;
+      mark_touched(binding_, index, touched);
+    }
+    remerge(std::move(next), binding_, touched);
+  }
+
+  /// Replaces the adapter set and re-merges only the units touched by the old or the new set. The
+  /// new set is bound first: an adapter that does not fit throws `lora_error` and nothing changes.
+  /// \code dm.set_adapters({{style, 1.0}, {detail, 0.5}}); \endcode
+  void set_adapters(adapter_set adapters) {
+    distorch::adapter_binding next = bind_adapters(adapters);
+    std::vector<bool> touched(bound_.units.size(), false);
+    for (const auto* b : {&binding_, &next})
+      for (const auto& name : b->targets()) touched[unit_of_tensor_.at(name)] = true;
+    remerge(std::move(adapters), std::move(next), touched);
   }
 
   /// Sends every unit to host memory (`cpu`), giving back everything the model holds on other
@@ -245,19 +333,23 @@ class DistributedModule {
   }
 
   /// Moves every unit back to the plan it was loaded with (no file is read).
+  /// \code dm.reload(); \endcode
   void reload() {
     if (loaded_) return;
     rehome(loaded_plan_);
     loaded_ = true;
   }
 
+  /// \code if (!dm.loaded()) dm.reload(); \endcode
   bool loaded() const noexcept { return loaded_; }
 
-  /// Units re-merged by the last `set_strengths` / `set_adapters`.
+  /// Units re-merged by the last `set_strengths` / `set_strength` / `set_adapters`.
+  /// \code dm.set_strength(0, 0.5); auto n = dm.last_remerged().size(); \endcode
   const std::vector<std::size_t>& last_remerged() const noexcept { return last_remerged_; }
 
   /// Identity of every tensor the model holds now: (name, device, data pointer). The registry's
   /// retention check compares these before and after a free.
+  /// \code auto before = dm.fingerprint(); \endcode
   std::vector<std::tuple<std::string, device_id, const void*>> fingerprint() const {
     std::vector<std::tuple<std::string, device_id, const void*>> out;
     for (std::size_t i = 0; i < manager_->size(); ++i) {
@@ -287,6 +379,16 @@ class DistributedModule {
     std::size_t entered_ = 0;
   };
 
+  using after_fetch_fn = std::function<at::Tensor(const at::Tensor&)>;
+
+  // One unit after Load-Patch-Distribute: its copies at home and how each becomes usable after a
+  // fetch (empty, or one function per tensor, set for the tensors kept quantized).
+  struct loaded_unit {
+    std::vector<held_tensor> placed;
+    std::vector<after_fetch_fn> after_fetch;
+    std::uint64_t home_bytes = 0;
+  };
+
   torch::nn::Module& root() { return detail::module_of(module_); }
 
   void bind() {
@@ -300,25 +402,41 @@ class DistributedModule {
       const auto children = root().named_children();
       for (const auto& c : children) sequential_units_.push_back(bound_.units_under(c.key()));
     }
+    for (std::size_t i = 0; i < bound_.names.size(); ++i)
+      for (const auto& n : bound_.names[i]) unit_of_tensor_.emplace(n, i);
     if (!spec_.weights.empty()) check_sources();
+    binding_ = bind_adapters(spec_.adapters);
   }
 
-  // Every tensor must be found in a source with its shape and dtype, before anything moves.
-  void check_sources() const {
+  // Adapters are matched against the names and shapes the module holds, before any tensor moves.
+  distorch::adapter_binding bind_adapters(const adapter_set& adapters) const {
+    std::vector<bind_target> targets;
+    for (std::size_t i = 0; i < bound_.handles.size(); ++i)
+      for (std::size_t t = 0; t < bound_.handles[i].size(); ++t) {
+        const auto& h = bound_.handles[i][t];
+        targets.push_back({bound_.names[i][t], h.sizes().vec(), h.is_floating_point()});
+      }
+    return distorch::adapter_binding::bind(targets, adapters, spec_.binding);
+  }
+
+  void mark_touched(const distorch::adapter_binding& b, std::size_t adapter_index, std::vector<bool>& touched) const {
+    for (const auto& name : b.touched_by(adapter_index)) touched[unit_of_tensor_.at(name)] = true;
+  }
+
+  // Every tensor must be found in a source with its shape, before anything moves. The first source
+  // that has a name serves it.
+  void check_sources() {
+    for (const auto& src : spec_.weights)
+      for (const auto& r : src->records()) sources_.try_emplace(r.name, source_entry{src.get(), &r});
     for (std::size_t i = 0; i < bound_.handles.size(); ++i)
       for (std::size_t t = 0; t < bound_.handles[i].size(); ++t) {
         const auto& name = bound_.names[i][t];
-        const tensor_record* found = nullptr;
-        for (const auto& src : spec_.weights) {
-          for (const auto& r : src->records())
-            if (r.name == name) found = &r;
-          if (found) break;
-        }
+        const auto it = sources_.find(name);
         const auto& h = bound_.handles[i][t];
-        if (!found)
+        if (it == sources_.end())
           throw format_error({"matching weight files to the module", name, std::nullopt, "no weight file has this tensor",
                               "pass the weight files that hold every parameter and buffer of the model"});
-        if (found->shape != std::vector<std::int64_t>(h.sizes().begin(), h.sizes().end()))
+        if (it->second.record->shape != std::vector<std::int64_t>(h.sizes().begin(), h.sizes().end()))
           throw format_error({"matching weight files to the module", name, std::nullopt,
                               "the file's shape differs from the module's", "load weights made for this model"});
       }
@@ -361,6 +479,51 @@ class DistributedModule {
     return make_plan(bound_.units, topo, spec_.compute, policy, options);
   }
 
+  // The planner decides homes with every unit at its size on the compute device (which is what
+  // the compute device holds when the unit runs there, resident or fetched), so the compute
+  // device's resident bytes and window are exact. A unit that stays quantized at a donor home
+  // takes only its quantized bytes there: the plan records that size for it and its device.
+  placement_plan with_home_bytes(placement_plan plan) const {
+    if (!spec_.keep_quantized || spec_.weights.empty()) return plan;
+    for (std::size_t i = 0; i < plan.units.size(); ++i) {
+      auto& u = plan.units[i];
+      const std::uint64_t bytes = u.device == spec_.compute ? bound_.units.units()[i].bytes : home_bytes_of(i);
+      if (bytes == u.bytes) continue;
+      for (auto& d : plan.devices)
+        if (d.device == u.device) d.placed_bytes = d.placed_bytes - u.bytes + bytes;
+      u.bytes = bytes;
+    }
+    return plan;
+  }
+
+  // Bytes unit i takes at a donor home under keep_quantized: quantized tensors at their stored
+  // size, the others (and the ones an adapter patches) at their full size.
+  std::uint64_t home_bytes_of(std::size_t i) const {
+    std::uint64_t total = 0;
+    for (std::size_t t = 0; t < bound_.handles[i].size(); ++t) {
+      const auto& h = bound_.handles[i][t];
+      const std::uint64_t full = static_cast<std::uint64_t>(h.numel()) * h.element_size();
+      if (const auto* info = quantized_info(i, t)) total += info->bytes;
+      else total += full;
+    }
+    return total;
+  }
+
+  // The GGUF tensor info of tensor t of unit i when, under keep_quantized, it stays quantized at a
+  // donor home: a block-quantized type from a GGUF source that no adapter patches.
+  const gguf_tensor_info* quantized_info(std::size_t i, std::size_t t) const {
+    if (!spec_.keep_quantized) return nullptr;
+    const auto& name = bound_.names[i][t];
+    const auto it = sources_.find(name);
+    if (it == sources_.end()) return nullptr;
+    const auto* gguf = dynamic_cast<const gguf_source*>(it->second.source);
+    if (gguf == nullptr) return nullptr;
+    const auto& info = gguf->info(name);
+    if (detail::ggml_scalar_type(info.type).has_value()) return nullptr;  // stored plain: nothing to gain
+    if (binding_.patches_for(name) != nullptr) return nullptr;
+    return &info;
+  }
+
   // The pool's devices as if this model held nothing: what a new plan may use.
   topology topology_without_self() const {
     topology t = pool_.topo();
@@ -375,47 +538,131 @@ class DistributedModule {
 
   bool pin_for(const device_id& home) const {
     const auto& target = device_of(spec_.compute);
-    return spec_.streaming.pinned_host && home.is_cpu() && target.torch_device.type() == c10::DeviceType::CUDA;
+    return pin_homes_ && home.is_cpu() && target.torch_device.type() == c10::DeviceType::CUDA;
+  }
+
+  // Decides before anything is placed whether CPU homes are pinned or a bounded staging ring
+  // carries them, so pinned RAM never silently doubles the model (runtime/host_staging.hpp).
+  void decide_host_staging() {
+    const bool async_reads = device_of(spec_.compute).torch_device.type() == c10::DeviceType::CUDA;
+    std::uint64_t cpu_home_bytes = 0, largest = 0;
+    for (const auto& u : plan_.units)
+      if (u.device.is_cpu() && u.device != spec_.compute) {
+        cpu_home_bytes += u.bytes;
+        largest = std::max(largest, u.bytes);
+      }
+    const auto choice = choose_host_staging(spec_.streaming, async_reads, cpu_home_bytes, largest, host_memory());
+    pin_homes_ = choice.pin_homes;
+    spec_.streaming.staging_ring_bytes = choice.ring_bytes;
   }
 
   at::Tensor unpatched_source(std::size_t unit, std::size_t t, const std::vector<std::vector<at::Tensor>>& originals) const {
     if (spec_.weights.empty()) return originals[unit][t];
     const auto& name = bound_.names[unit][t];
-    for (const auto& src : spec_.weights)
-      if (src->contains(name)) return src->load(name);
+    const auto it = sources_.find(name);
+    if (it != sources_.end()) return it->second.source->load(name);
     throw format_error({"reading weights", name, std::nullopt, "no weight file has this tensor", "pass the right weight files"});
   }
 
+  // The merge steps for one tensor at the strengths of `adapters` (empty when nothing targets it).
+  static std::vector<merge_step> steps_for(const distorch::adapter_binding& b, const adapter_set& adapters,
+                                           const std::string& name) {
+    std::vector<merge_step> steps;
+    if (const auto* patches = b.patches_for(name))
+      for (const auto& p : *patches) {
+        const auto& use = adapters.at(p.adapter_index);
+        steps.push_back({use.file.get(), p.group, p.bias, use.strength, use.strength_model});
+      }
+    return steps;
+  }
+
   // Load-Patch-Distribute one unit: stage on compute, patch, place at home. Returns the home copies.
-  std::vector<held_tensor> load_unit(std::size_t i, const device_id& home, const low_rank_set& adapters,
-                                     const std::vector<std::vector<at::Tensor>>& originals) const {
+  loaded_unit load_unit(std::size_t i, const device_id& home, const distorch::adapter_binding& b, const adapter_set& adapters,
+                        const std::vector<std::vector<at::Tensor>>& originals) const {
     const auto& name = bound_.units.units()[i].name;
     const auto& compute = device_of(spec_.compute);
     const auto& target = device_of(home);
-    std::vector<held_tensor> placed;
+    loaded_unit out;
     for (std::size_t t = 0; t < bound_.handles[i].size(); ++t) {
-      at::Tensor source = unpatched_source(i, t, originals);
       const auto& tensor_name = bound_.names[i][t];
-      if (source.scalar_type() != bound_.handles[i][t].scalar_type())
+      const auto& handle = bound_.handles[i][t];
+      if (home != spec_.compute && !spec_.weights.empty())
+        if (const auto* info = quantized_info(i, t)) {
+          place_quantized(i, t, *info, target, out);
+          continue;
+        }
+      at::Tensor source = unpatched_source(i, t, originals);
+      if (source.scalar_type() != handle.scalar_type())
         throw format_error({"loading unit '" + name + "'", tensor_name, std::nullopt,
                             "stored as " + std::string(c10::toString(source.scalar_type())) + ", the module holds " +
-                                std::string(c10::toString(bound_.handles[i][t].scalar_type())),
+                                std::string(c10::toString(handle.scalar_type())),
                             "load weights stored in the model's dtypes"});
       held_tensor staged = allocator_.copy_to(source, pool_, compute, {false, false, "staging unit '" + name + "'"});
-      if (adapters.touches(tensor_name)) {
-        at::Tensor merged = adapters.patch(tensor_name, staged.data);
-        staged.data.copy_(merged);
-      }
+      const auto steps = steps_for(b, adapters, tensor_name);
+      if (!steps.empty()) merge_into(staged.data, steps, compute.torch_device);  // float32, one rounding, in place
+      out.home_bytes += static_cast<std::uint64_t>(staged.data.numel()) * staged.data.element_size();
       if (home == spec_.compute) {
-        placed.push_back(std::move(staged));
+        out.placed.push_back(std::move(staged));
       } else {
-        placed.push_back(allocator_.copy_to(staged.data, pool_, target, {pin_for(home), false, "placing unit '" + name + "'"}));
+        out.placed.push_back(allocator_.copy_to(staged.data, pool_, target, {pin_for(home), false, "placing unit '" + name + "'"}));
       }  // the staging copy is dropped here
+      if (!out.after_fetch.empty()) out.after_fetch.emplace_back();
     }
-    return placed;
+    return out;
+  }
+
+  // A tensor that stays quantized goes from the file to its home as raw blocks; it never needs the
+  // compute device while loading (nothing patches it).
+  void place_quantized(std::size_t i, std::size_t t, const gguf_tensor_info& info, const pool_device& target,
+                       loaded_unit& out) const {
+    const auto& name = bound_.names[i][t];
+    const auto& handle = bound_.handles[i][t];
+    const std::string unit_name = "unit '" + bound_.units.units()[i].name + "'";
+    if (handle.scalar_type() != at::kFloat)
+      throw format_error({"loading " + unit_name, name, std::nullopt,
+                          std::string("quantized tensors dequantize to float32, the module holds ") + c10::toString(handle.scalar_type()),
+                          "make the module float32, or load without keep_quantized"});
+    if (!ggml_can_dequantize(info.type))
+      throw format_error({"loading " + unit_name, name, std::nullopt,
+                          "ggml type " + std::string(ggml_type_name(info.type)) + " has no float32 conversion in distorch",
+                          "requantize the file to Q8_0, Q*_K or F16"});
+    const auto* gguf = static_cast<const gguf_source*>(sources_.at(name).source);
+    quantized_tensor q = gguf->load_quantized(name);
+    // The raw blocks rest and travel inside a float32 carrier: the residency manager points the
+    // parameter handles at their home tensors between uses, and a parameter may only ever hold
+    // floating data (set_data refuses bytes on a tensor that requires grad).
+    const std::int64_t bytes = q.data.numel();
+    at::Tensor carrier = at::zeros({(bytes + 3) / 4}, at::TensorOptions().dtype(at::kFloat));
+    carrier.view(at::kByte).narrow(0, 0, bytes).copy_(q.data);
+    out.placed.push_back(allocator_.copy_to(carrier, pool_, target, {pin_for(target.id), false, "placing " + unit_name}));
+    out.home_bytes += static_cast<std::uint64_t>(carrier.numel()) * carrier.element_size();
+    out.after_fetch.resize(t);  // the tensors before this one need nothing
+    out.after_fetch.emplace_back([type = q.type, shape = q.shape, name, bytes](const at::Tensor& fetched) {
+      return dequantize(quantized_tensor{fetched.view(at::kByte).narrow(0, 0, bytes), type, shape, name});
+    });
+  }
+
+  residency_unit make_residency_unit(std::size_t i, const device_id& home, loaded_unit loaded) const {
+    residency_unit u;
+    u.name = bound_.units.units()[i].name;
+    u.home = home;
+    u.bytes = loaded.home_bytes;
+    u.handles = bound_.handles[i];
+    u.home_data = std::move(loaded.placed);
+    if (!loaded.after_fetch.empty()) {
+      loaded.after_fetch.resize(u.handles.size());
+      u.after_fetch = std::move(loaded.after_fetch);
+    }
+    return u;
+  }
+
+  // Points every handle of a unit at its home copy (for a tensor kept quantized: its carrier).
+  static void point_handles(residency_unit& u) {
+    for (std::size_t t = 0; t < u.handles.size(); ++t) u.handles[t].set_data(u.home_data[t].data);
   }
 
   void load() {
+    decide_host_staging();
     std::vector<std::vector<at::Tensor>> originals;
     for (const auto& hs : bound_.handles) {
       std::vector<at::Tensor> o;
@@ -424,12 +671,13 @@ class DistributedModule {
     }
     std::vector<residency_unit> units;
     units.reserve(bound_.units.size());
+    const std::size_t n = bound_.units.size();
     try {
-      for (std::size_t i = 0; i < bound_.units.size(); ++i) {
+      for (std::size_t i = 0; i < n; ++i) {
         const device_id home = plan_.units[i].device;
-        auto placed = load_unit(i, home, spec_.adapters, originals);
-        for (std::size_t t = 0; t < placed.size(); ++t) bound_.handles[i][t].set_data(placed[t].data);
-        units.push_back({bound_.units.units()[i].name, home, bound_.units.units()[i].bytes, bound_.handles[i], std::move(placed)});
+        units.push_back(make_residency_unit(i, home, load_unit(i, home, binding_, spec_.adapters, originals)));
+        point_handles(units.back());
+        report_progress(spec_.progress, "loading", i + 1, n, "units");
       }
     } catch (...) {
       for (std::size_t i = 0; i < bound_.handles.size(); ++i)
@@ -440,7 +688,7 @@ class DistributedModule {
       unpatched_.resize(bound_.handles.size());
       for (std::size_t i = 0; i < bound_.handles.size(); ++i) {
         bool keep = spec_.keep_unpatched;
-        for (const auto& n : bound_.names[i]) keep = keep || spec_.adapters.touches(n);
+        for (const auto& name : bound_.names[i]) keep = keep || binding_.patches_for(name) != nullptr;
         if (keep) unpatched_[i] = originals[i];
       }
     }
@@ -470,7 +718,8 @@ class DistributedModule {
     if constexpr (detail::is_sequential_v<Module>) uncovered_.clear();
   }
 
-  // Moves every unit whose home changes; all new copies are made before any handle switches.
+  // Moves every unit whose home changes; all new copies are made before any handle switches. A
+  // quantized unit moving to the compute device is dequantized there, since nothing fetches it.
   void rehome(const placement_plan& next) {
     auto units = manager_->take_units();
     std::vector<std::vector<held_tensor>> fresh(units.size());
@@ -478,9 +727,13 @@ class DistributedModule {
       for (std::size_t i = 0; i < units.size(); ++i) {
         const device_id home = next.units[i].device;
         if (home == units[i].home) continue;
-        for (const auto& h : units[i].home_data)
-          fresh[i].push_back(allocator_.copy_to(h.data, pool_, device_of(home),
-                                                {pin_for(home), false, "moving unit '" + units[i].name + "' to " + home.str()}));
+        const std::string doing = "moving unit '" + units[i].name + "' to " + home.str();
+        for (std::size_t t = 0; t < units[i].home_data.size(); ++t) {
+          const at::Tensor& data = units[i].home_data[t].data;
+          const bool dequantize_now = home == spec_.compute && t < units[i].after_fetch.size() && units[i].after_fetch[t];
+          fresh[i].push_back(allocator_.copy_to(dequantize_now ? units[i].after_fetch[t](data) : data, pool_, device_of(home),
+                                                {pin_for(home), false, doing}));
+        }
       }
     } catch (...) {
       fresh.clear();
@@ -491,22 +744,38 @@ class DistributedModule {
       if (fresh[i].empty() && !units[i].home_data.empty()) continue;
       units[i].home = next.units[i].device;
       units[i].home_data = std::move(fresh[i]);
-      for (std::size_t t = 0; t < units[i].handles.size(); ++t) units[i].handles[t].set_data(units[i].home_data[t].data);
+      if (units[i].home == spec_.compute && !units[i].after_fetch.empty()) {
+        units[i].after_fetch.clear();
+        units[i].bytes = bound_.units.units()[i].bytes;
+      }
+      point_handles(units[i]);
     }
     plan_ = next;
+    for (std::size_t i = 0; i < units.size(); ++i) {  // the plan records what each home really holds
+      auto& p = plan_.units[i];
+      if (p.bytes == units[i].bytes) continue;
+      for (auto& d : plan_.devices)
+        if (d.device == p.device) d.placed_bytes = d.placed_bytes - p.bytes + units[i].bytes;
+      p.bytes = units[i].bytes;
+    }
     install(std::move(units));
   }
 
-  void remerge(low_rank_set adapters, const std::vector<bool>& touched) {
+  void remerge(adapter_set adapters, distorch::adapter_binding binding, const std::vector<bool>& touched) {
     for (std::size_t i = 0; i < touched.size(); ++i)
       if (touched[i] && spec_.weights.empty() && unpatched_[i].empty())
         throw lora_error({"re-merging adapters", bound_.units.units()[i].name, error_position{"unit", i},
                           "the unit's unpatched weights were not kept", "construct with keep_unpatched = true or load from weight files"});
     auto units = manager_->take_units();
-    std::vector<std::vector<held_tensor>> fresh(units.size());
+    std::vector<std::optional<loaded_unit>> fresh(units.size());
+    const auto count = static_cast<std::uint64_t>(std::count(touched.begin(), touched.end(), true));
+    std::uint64_t done = 0;
     try {
       for (std::size_t i = 0; i < units.size(); ++i)
-        if (touched[i]) fresh[i] = load_unit(i, units[i].home, adapters, unpatched_);
+        if (touched[i]) {
+          fresh[i] = load_unit(i, units[i].home, binding, adapters, unpatched_);
+          report_progress(spec_.progress, "merging", ++done, count, "units");
+        }
     } catch (...) {
       fresh.clear();
       install(std::move(units));
@@ -515,13 +784,19 @@ class DistributedModule {
     last_remerged_.clear();
     for (std::size_t i = 0; i < units.size(); ++i) {
       if (!touched[i]) continue;
-      units[i].home_data = std::move(fresh[i]);
-      for (std::size_t t = 0; t < units[i].handles.size(); ++t) units[i].handles[t].set_data(units[i].home_data[t].data);
+      units[i] = make_residency_unit(i, units[i].home, std::move(*fresh[i]));
+      point_handles(units[i]);
       last_remerged_.push_back(i);
     }
     spec_.adapters = std::move(adapters);
+    binding_ = std::move(binding);
     install(std::move(units));
   }
+
+  struct source_entry {
+    const weight_source* source = nullptr;
+    const tensor_record* record = nullptr;
+  };
 
   Module module_;
   device_pool pool_;
@@ -529,9 +804,13 @@ class DistributedModule {
   distribute_spec spec_;
   Allocator allocator_;
   bound_module bound_;
+  distorch::adapter_binding binding_;
   placement_plan plan_;
+  bool pin_homes_ = false;  // decide_host_staging: pin CPU homes (else plain memory, perhaps a ring)
   std::shared_ptr<residency_manager> manager_;
   std::unordered_map<const torch::nn::Module*, std::string> paths_;
+  std::unordered_map<std::string, std::size_t> unit_of_tensor_;
+  std::unordered_map<std::string, source_entry> sources_;
   std::vector<std::vector<std::size_t>> sequential_units_;
   std::vector<std::size_t> uncovered_;
   std::vector<nn::streamed_module*> streamed_;

@@ -38,6 +38,12 @@
 namespace distorch::inline v0 {
 namespace nn {
 
+// Each alias below, e.g. `distorch::nn::Linear`, is the LibTorch layer of the same name made to
+// stream. One line each, so the list cannot drift from what `Streamed<Impl>` supports.
+/// \code
+///   distorch::nn::Conv2d conv(torch::nn::Conv2dOptions(3, 8, 3).padding(1));
+///   at::Tensor y = conv(x);   // stages conv's unit when attached to a DistributedModule
+/// \endcode
 #define DISTORCH_STREAMED_LAYER(Name) using Name = streamed_holder<torch::nn::Name##Impl>
 
 DISTORCH_STREAMED_LAYER(Linear);

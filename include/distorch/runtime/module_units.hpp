@@ -64,6 +64,10 @@ inline bool path_within(std::string_view path, std::string_view prefix) noexcept
 }  // namespace detail
 
 /// A module's units and, per unit, the distinct tensor handles in it.
+/// \code
+///   distorch::bound_module bound = distorch::bind_units(*model);
+///   bound.names[0];   // the tensor names of unit 0, one per handle
+/// \endcode
 struct bound_module {
   inventory units;
   std::vector<std::vector<at::Tensor>> handles;      ///< per unit, distinct tensors in unit order
@@ -71,6 +75,7 @@ struct bound_module {
 
   /// Units whose tensors lie inside the module at `path`, plus the unit containing that module
   /// when a grouping rule made it part of a larger unit. "" gives every unit.
+  /// \code auto ids = bound.units_under("blocks.1"); \endcode
   std::vector<std::size_t> units_under(std::string_view path) const {
     std::vector<std::size_t> out;
     for (std::size_t i = 0; i < units.size(); ++i) {

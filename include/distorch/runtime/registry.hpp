@@ -41,9 +41,11 @@
 namespace distorch::inline v0 {
 
 /// Where each tensor of a model lives: (tensor name, device, data pointer).
+/// \code distorch::tensor_fingerprint f = dm.fingerprint(); \endcode
 using tensor_fingerprint = std::vector<std::tuple<std::string, device_id, const void*>>;
 
 /// What the registry needs from a model.
+/// \code static_assert(distorch::registrable_model<distorch::DistributedModule<torch::nn::Sequential>>); \endcode
 template <class M>
 concept registrable_model = requires(M& m, const M& cm) {
   m.unload();
@@ -52,20 +54,24 @@ concept registrable_model = requires(M& m, const M& cm) {
 };
 
 /// The kept models' fingerprints at one moment, for `model_registry::verify`.
+/// \code auto before = registry.snapshot_kept(); registry.free(); registry.verify(before); \endcode
 struct retention_snapshot {
   std::vector<std::pair<std::string, tensor_fingerprint>> kept;
 };
 
 /// What `free()` did.
+/// \code for (const auto& name : registry.free().unloaded) std::cout << name << '\n'; \endcode
 struct free_report {
   std::vector<std::string> unloaded;  ///< models unloaded, in registration order
   cache_release_report caches;
 };
 
 /// See the file comment.
+/// \code distorch::model_registry registry(pool); \endcode
 class model_registry {
  public:
   /// `pool` is the pool the models book on; snapshots measure its devices.
+  /// \code distorch::model_registry registry(pool); \endcode
   explicit model_registry(device_pool pool = {}) : pool_(std::move(pool)) {}
 
   /// Registers a model under a unique name; `placement_error` when the name is taken.
@@ -87,19 +93,26 @@ class model_registry {
   }
 
   /// Sets or clears a model's keep_loaded flag; `placement_error` for an unknown name.
+  /// \code registry.keep_loaded("text_encoder"); \endcode
   void keep_loaded(std::string_view name, bool keep = true) { at(name).keep = keep; }
+  /// Whether a model is kept. \code CHECK(registry.is_kept("text_encoder")); \endcode
   bool is_kept(std::string_view name) const { return at(name).keep; }
+  /// Whether a model is loaded. \code CHECK(!registry.is_loaded("vae")); \endcode
   bool is_loaded(std::string_view name) const { return at(name).loaded(); }
+  /// Whether a model of that name is registered. \code registry.contains("unet"); \endcode
   bool contains(std::string_view name) const { return find(name) != nullptr; }
+  /// Number of registered models. \code registry.size(); \endcode
   std::size_t size() const noexcept { return entries_.size(); }
 
   /// Drops the registry's share of a model (the model itself lives on while others hold it).
+  /// \code registry.remove("vae"); \endcode
   void remove(std::string_view name) {
     auto& e = at(name);
     entries_.erase(entries_.begin() + (&e - entries_.data()));
   }
 
   /// Names of the models in registration order.
+  /// \code for (const auto& n : registry.names()) std::cout << n; \endcode
   std::vector<std::string> names() const {
     std::vector<std::string> out;
     for (const auto& e : entries_) out.push_back(e.name);
@@ -132,6 +145,7 @@ class model_registry {
   }
 
   /// The kept models' fingerprints now.
+  /// \code auto before = registry.snapshot_kept(); \endcode
   retention_snapshot snapshot_kept() const {
     retention_snapshot s;
     for (const auto& e : entries_)
@@ -141,6 +155,7 @@ class model_registry {
 
   /// Checks that every model kept in `before` still has every tensor, on the same device, at the
   /// same address; `retention_error` naming the model and tensor otherwise.
+  /// \code registry.verify(before); \endcode
   void verify(const retention_snapshot& before) const {
     for (const auto& [name, then] : before.kept) {
       const entry* e = find(name);
@@ -182,6 +197,7 @@ class model_registry {
     return series_.add(std::move(s));
   }
 
+  /// Every snapshot taken, as one series. \code std::cout << registry.memory().table(); \endcode
   const memory_series& memory() const noexcept { return series_; }
 
  private:

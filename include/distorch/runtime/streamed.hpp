@@ -35,6 +35,7 @@ namespace nn {
 
 /// The non-template side of every `Streamed<Impl>`: found with `dynamic_cast` when a distributed
 /// module attaches its residency manager.
+/// \code if (auto* s = dynamic_cast<distorch::nn::streamed_module*>(module.get())) s->residency_units(); \endcode
 class streamed_module {
  public:
   virtual ~streamed_module() = default;
@@ -45,11 +46,14 @@ class streamed_module {
     manager_ = std::move(manager);
     units_ = std::move(units);
   }
+  /// Stops staging units around forward. \code layer->detach_residency(); \endcode
   void detach_residency() noexcept {
     manager_.reset();
     units_.clear();
   }
+  /// True while a live residency manager is attached. \code CHECK(layer->residency_attached()); \endcode
   bool residency_attached() const noexcept { return !manager_.expired(); }
+  /// The units staged around each call. \code layer->residency_units(); \endcode
   const std::vector<std::size_t>& residency_units() const noexcept { return units_; }
 
  protected:

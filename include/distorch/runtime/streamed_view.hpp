@@ -59,9 +59,15 @@ inline constexpr bool always_false_v = false;
 namespace views {
 
 /// The view `range | views::streamed(dm)` makes. Holds the range (or a reference to it).
+/// \code
+///   auto view = *blocks | distorch::views::streamed(dm);   // a streamed_view
+///   for (auto& block : view) x = block->as<Block>()->forward(x);
+/// \endcode
 template <std::ranges::input_range R, class DM>
 class streamed_view {
  public:
+  /// Usually made by the pipe: `range | views::streamed(dm)`.
+  /// \code distorch::views::streamed_view<decltype(v), decltype(dm)> view(v, dm); \endcode
   streamed_view(R base, DM& dm) : base_(std::move(base)), dm_(&dm) {}
   streamed_view(const streamed_view&) = delete;
   streamed_view& operator=(const streamed_view&) = delete;
@@ -71,11 +77,13 @@ class streamed_view {
   }
   ~streamed_view() { leave_current(); }
 
+  /// The end of the underlying range.
   class sentinel {
    public:
     std::ranges::sentinel_t<R> end_;
   };
 
+  /// Single-pass iterator: advancing it releases the module left and stages the next one.
   class iterator {
    public:
     using value_type = std::ranges::range_value_t<R>;
@@ -99,11 +107,14 @@ class streamed_view {
     std::ranges::iterator_t<R> it_;
   };
 
+  /// Stages the first module (and prefetches the ones after it). Call once.
+  /// \code auto it = view.begin(); \endcode
   iterator begin() {
     auto it = std::ranges::begin(base_);
     arrive(it);
     return iterator(this, std::move(it));
   }
+  /// \code for (auto it = view.begin(); it != view.end(); ++it) run(*it); \endcode
   sentinel end() {
     sentinel s;
     s.end_ = std::ranges::end(base_);
@@ -145,6 +156,10 @@ class streamed_view {
 };
 
 /// The pipe closure `views::streamed(dm)` returns.
+/// \code
+///   auto stream_blocks = distorch::views::streamed(dm);
+///   for (auto& block : *blocks | stream_blocks) x = block->as<Block>()->forward(x);
+/// \endcode
 template <class DM>
 struct streamed_closure {
   DM* dm;
@@ -178,6 +193,10 @@ struct streamed_fn {
 };
 
 /// `range | distorch::views::streamed(dm)`: see the file comment.
+/// \code
+///   std::vector<std::shared_ptr<torch::nn::Module>> stages = {enc, mid, dec};
+///   for (auto& stage : stages | distorch::views::streamed(dm)) x = run(*stage, x);
+/// \endcode
 inline constexpr streamed_fn streamed{};
 
 }  // namespace views

@@ -1,8 +1,13 @@
 #pragma once
 /// \file
 /// `streaming_stats`: what the residency manager did to keep weights where compute needs them.
-/// Copy time is host time spent making copies: on CPU and simulated devices the copies themselves,
-/// on stream devices (CUDA, XPU, ...) the time to queue them. Wait time is host time a unit's
+/// Copy time is the time the copies took: on CPU and simulated devices the host time of the
+/// synchronous copies; on stream devices (CUDA, XPU, ...) the device time between timing events
+/// recorded around each fetch on the copy stream (LibTorch 2.5 and later), or, where LibTorch cannot
+/// time events, from queueing to the moment the host first saw them complete. `bytes_fetched`
+/// counts the bytes that crossed the link (a unit kept quantized at home counts its stored bytes,
+/// not the dequantized ones). A unit re-entered while still staged in the same pass is counted in
+/// `reentries`, neither as a hit nor as a miss. Wait time is host time a unit's
 /// entry spent making it resident (a synchronous fetch after a prefetch miss). On stream devices a
 /// prefetch whose copy was still in flight when compute reached the unit is counted as late; the
 /// compute stream then waits on that unit's event only.
@@ -22,17 +27,23 @@
 
 namespace distorch::inline v0 {
 
+/// Counters and times of one residency manager; see the file comment.
+/// \code auto s = dm.stats(); s.fetches; s.copy_seconds; \endcode
 struct streaming_stats {
   std::uint64_t fetches = 0;          ///< units copied to the compute device
-  std::uint64_t bytes_fetched = 0;    ///< bytes of those copies
+  std::uint64_t bytes_fetched = 0;    ///< bytes of those copies (as stored at home)
   std::uint64_t releases = 0;         ///< units sent back to their home
   std::uint64_t prefetch_hits = 0;    ///< entries that found the unit already fetched ahead
   std::uint64_t prefetch_misses = 0;  ///< entries that had to fetch synchronously
   std::uint64_t late_prefetches = 0;  ///< stream devices: hits whose copy had not finished yet
-  double copy_seconds = 0;            ///< host time spent copying (or queueing copies)
+  std::uint64_t reentries = 0;        ///< entries that found their unit still staged in the same pass (no copy)
+  std::uint64_t ring_chunks = 0;      ///< slot-sized pieces copied through the host staging ring
+  std::uint64_t ring_bytes = 0;       ///< bytes copied through the host staging ring
+  double copy_seconds = 0;            ///< time the copies took (see the file comment)
   double wait_seconds = 0;            ///< host time compute waited for a unit to become resident
 
   /// Hits over all entries of donor-homed units; 0 when there were none.
+  /// \code double r = dm.stats().hit_rate(); \endcode
   double hit_rate() const noexcept {
     const auto entries = prefetch_hits + prefetch_misses;
     return entries == 0 ? 0.0 : static_cast<double>(prefetch_hits) / static_cast<double>(entries);
@@ -44,11 +55,11 @@ struct streaming_stats {
     char buffer[320];
     std::snprintf(buffer, sizeof buffer,
                   "fetched %llu units (%s) in %.6f s; prefetch hits %llu, misses %llu, late %llu; "
-                  "compute waited %.6f s; released %llu",
+                  "compute waited %.6f s; released %llu; re-entered %llu",
                   static_cast<unsigned long long>(fetches), format_bytes(bytes_fetched).c_str(), copy_seconds,
                   static_cast<unsigned long long>(prefetch_hits), static_cast<unsigned long long>(prefetch_misses),
                   static_cast<unsigned long long>(late_prefetches), wait_seconds,
-                  static_cast<unsigned long long>(releases));
+                  static_cast<unsigned long long>(releases), static_cast<unsigned long long>(reentries));
     return buffer;
   }
 

@@ -35,12 +35,14 @@
 namespace distorch::inline v0 {
 
 /// A tensor copy together with the bytes booked for it.
+/// \code distorch::held_tensor h = alloc.copy_to(t, pool, target, {}); h.booked.bytes(); \endcode
 struct held_tensor {
   at::Tensor data;
   reservation booked;
 };
 
 /// How a copy is made.
+/// \code distorch::copy_request r{.pinned = false, .non_blocking = true, .doing = "fetching fc1"}; \endcode
 struct copy_request {
   bool pinned = false;        ///< host copy in page-locked memory (only for a stream device to read)
   bool non_blocking = false;  ///< queue on the current stream instead of waiting
