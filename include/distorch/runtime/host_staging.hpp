@@ -41,6 +41,7 @@ struct host_staging_choice {
 /// Smallest and largest ring `choose_host_staging` falls back to.
 /// \code static_assert(distorch::fallback_ring_min <= distorch::fallback_ring_max); \endcode
 inline constexpr std::uint64_t fallback_ring_min = 2ull << 20;
+/// Largest ring `choose_host_staging` falls back to (see `fallback_ring_min`).
 inline constexpr std::uint64_t fallback_ring_max = 256ull << 20;
 
 /// See the file comment. `async_reads` is whether the compute device copies from pinned memory

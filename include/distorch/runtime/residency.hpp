@@ -259,6 +259,7 @@ class residency_manager {
   /// \code { auto pass = manager.pass(); run(); }   // the pass ends here \endcode
   class pass_scope {
    public:
+    /// Begins a pass on `m` (`residency_manager::begin_pass`).
     explicit pass_scope(residency_manager& m) : m_(&m) { m_->begin_pass(); }
     pass_scope(pass_scope&& other) noexcept : m_(std::exchange(other.m_, nullptr)) {}
     pass_scope(const pass_scope&) = delete;

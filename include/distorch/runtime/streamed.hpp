@@ -102,6 +102,7 @@ template <class Impl, class Owner, class Result, class... Args>
 class Streamed<Impl, Result (Owner::*)(Args...)> : public Impl, public streamed_module {
  public:
   using Impl::Impl;
+  /// Stages this layer's units (fetching them when streamed), runs `Impl::forward`, leaves them.
   Result forward(Args... args) {
     auto staged = enter_units();
     return Impl::forward(std::forward<Args>(args)...);
@@ -113,6 +114,7 @@ template <class Impl, class Owner, class Result, class... Args>
 class Streamed<Impl, Result (Owner::*)(Args...) const> : public Impl, public streamed_module {
  public:
   using Impl::Impl;
+  /// As the non-const `forward`: stages the units, runs `Impl::forward`, leaves them.
   Result forward(Args... args) const {
     auto staged = const_cast<Streamed*>(this)->enter_units();
     return Impl::forward(std::forward<Args>(args)...);
