@@ -50,6 +50,15 @@ inline torch::nn::Sequential conv_net() {
 
 inline distorch::demo::tiny_transformer transformer() { return distorch::demo::tiny_transformer(16, 32, 3); }
 
+// Gives `to` copies of `from`'s parameters (same names), so two instances compute the same thing.
+inline void copy_weights(torch::nn::Module& from, torch::nn::Module& to) {
+  auto source = from.named_parameters(true);
+  for (const auto& p : to.named_parameters(true)) {
+    at::Tensor h = p.value();
+    h.set_data(source[p.key()].detach().clone());
+  }
+}
+
 /// A checksum of every byte of every parameter and buffer, with names.
 inline std::uint64_t checksum(torch::nn::Module& m) {
   std::uint64_t h = 1469598103934665603ull;

@@ -246,10 +246,7 @@ TEST_CASE("views::streamed yields each block resident and prefetches the next on
   test_models::deterministic();
   auto model = test_models::transformer();
   auto reference = test_models::transformer();
-  for (const auto& p : reference->named_parameters(true)) {
-    at::Tensor h = p.value();
-    h.set_data(model->named_parameters(true)[p.key()].detach().clone());
-  }
+  test_models::copy_weights(*model, *reference);
   auto pool = test_models::sim_pool(1 << 20);
   distorch::distribute_spec spec;
   spec.compute = device_id::sim(0);
@@ -475,10 +472,7 @@ TEST_CASE("a grouped block driven only by its three inner layers is fetched once
     CAPTURE(depth);
     test_models::deterministic();
     block_stack model(3), reference(3);
-    for (const auto& p : reference->named_parameters(true)) {
-      at::Tensor h = p.value();
-      h.set_data(model->named_parameters(true)[p.key()].detach().clone());
-    }
+    test_models::copy_weights(*model, *reference);
     auto pool = test_models::sim_pool(1 << 20);
     distorch::distribute_spec spec;
     spec.compute = device_id::sim(0);
@@ -563,10 +557,7 @@ TEST_CASE("CPU-homed units fetched through a staging ring: bounded ring, bit-ide
     test_models::deterministic();
     auto model = test_models::mlp_stack(64, 4);  // Linear(64, 64): a 16 KiB weight, larger than the ring
     auto reference = test_models::mlp_stack(64, 4);
-    for (const auto& p : reference->named_parameters(true)) {
-      at::Tensor h = p.value();
-      h.set_data(model->named_parameters(true)[p.key()].detach().clone());
-    }
+    test_models::copy_weights(*model, *reference);
     auto pool = test_models::sim_pool(1 << 20);
     distorch::distribute_spec spec;
     spec.compute = device_id::sim(0);

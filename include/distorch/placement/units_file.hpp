@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "distorch/core/error.hpp"
+#include "distorch/core/json_file.hpp"
 #include "distorch/model/inventory.hpp"
 
 namespace distorch::inline v0 {
@@ -76,18 +77,8 @@ inline inventory inventory_from_units_json(const nlohmann::json& j, std::span<co
 ///   auto model = distorch::read_units_file("units.json");
 /// \endcode
 inline inventory read_units_file(const std::string& path, std::span<const grouping_rule> grouping = {}) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    throw format_error({"reading units list", path, std::nullopt, "cannot open the file", "give the path of an existing JSON file"});
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(buffer.str());
-  } catch (const nlohmann::json::parse_error& e) {
-    throw format_error({"reading units list", path, error_position{"offset", static_cast<std::uint64_t>(e.byte > 0 ? e.byte - 1 : 0)},
-                        std::string("invalid JSON: ") + e.what(), "write a JSON list of {\"name\", \"bytes\"} objects"});
-  }
+  const nlohmann::json j = detail::read_json_file(path, "reading units list", "give the path of an existing JSON file",
+                                                  "write a JSON list of {\"name\", \"bytes\"} objects");
   return inventory_from_units_json(j, grouping);
 }
 

@@ -33,6 +33,7 @@
 
 #include "distorch/core/config.hpp"
 #include "distorch/core/error.hpp"
+#include "distorch/core/json_file.hpp"
 #include "distorch/device/device_id.hpp"
 #include "distorch/device/topology.hpp"
 
@@ -423,20 +424,9 @@ inline profile profile_from_json(const nlohmann::json& j) {
 /// byte offset) or a wrong field (as `profile_from_json`).
 /// \code auto p = distorch::read_profile_file("profile.json"); \endcode
 inline profile read_profile_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    throw format_error({"reading profile", path, std::nullopt, "cannot open the file",
-                        "give the path of a profile written by distorch profile --out FILE"});
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(buffer.str());
-  } catch (const nlohmann::json::parse_error& e) {
-    throw format_error({"reading profile", path, error_position{"offset", static_cast<std::uint64_t>(e.byte > 0 ? e.byte - 1 : 0)},
-                        std::string("invalid JSON: ") + e.what(), "write the profile as distorch profile --json does"});
-  }
-  return profile_from_json(j);
+  return profile_from_json(detail::read_json_file(path, "reading profile",
+                                                  "give the path of a profile written by distorch profile --out FILE",
+                                                  "write the profile as distorch profile --json does"));
 }
 
 /// Writes a profile file (JSON, indented). Throws `device_error` when the file cannot be written.
