@@ -7,7 +7,7 @@ packages=(
   libtorch-dev libopenblas0 libgloo-dev
   doctest-dev librange-v3-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev
   clang-16 libclang-rt-16-dev
-  python3 python3-torch
+  python3 python3-venv python3-torch ccache
 )
 missing=()
 for p in "${packages[@]}"; do

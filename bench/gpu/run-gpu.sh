@@ -1,40 +1,69 @@
 #!/usr/bin/env bash
-# Builds distorch against the LibTorch of this machine's PyTorch install and runs the GPU checks:
-# the test suites (the runtime's included), the examples, and the streaming benchmark, then the
-# same layer shapes under Python accelerate's cpu_offload for comparison. Results go to
-# $OUT_DIR (default: ./gpu-results), ready for docs/benchmarks.md.
-# Usage: bench/gpu/run-gpu.sh [BUILD_DIR]
-set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-build="${1:-$root/build-gpu}"
-out="${OUT_DIR:-$root/gpu-results}"
+# The one script a lent GPU machine runs (one H100/H200, 16 cores, a PyTorch 2.x install with
+# CUDA, Meson and Ninja, no internet). It
+#   - finds the LibTorch inside that PyTorch install, and stops at once with one clear line when
+#     there is none or it is not a CUDA build;
+#   - builds only what it runs (tests/cuda, the streaming benchmark, the distorch tool) against it;
+#   - runs the CUDA tests, the streaming benchmark (real PCIe/NVLink link) and `distorch profile`;
+#   - writes every result and log under $OUT (default ./gpu-results), with 00-summary.txt first.
+# Headers and libraries the machine lacks come from .carry/ (bench/gpu/carry.sh fills it here).
+#
+# Usage: OUT=/path bench/gpu/run-gpu.sh
+# Environment: PYTHON (default python3), DISTORCH_GPU_BUILD (default build-gpu),
+#              DISTORCH_GPU_JOBS (default: nproc), DISTORCH_BENCH_WIDTH/_BLOCKS/_TOKENS (benchmark
+#              size, see bench/gpu/bench_streaming.cpp), DISTORCH_GPU_BUILD_ONLY=1 (build, run nothing).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+out=${OUT:-$root/gpu-results}
+build=${DISTORCH_GPU_BUILD:-$root/build-gpu}
+python=${PYTHON:-python3}
+jobs=${DISTORCH_GPU_JOBS:-$(nproc)}
 mkdir -p "$out"
+summary=$out/00-summary.txt
+: > "$summary"
+say() { echo "$*" | tee -a "$summary"; }
+fail() { say "run-gpu.sh: FAILED: $*"; exit 1; }
+step() {  # name, seconds, command...: runs one step with a time limit, its log in $out/NAME.txt
+  local name=$1 limit=$2; shift 2
+  local started=$SECONDS rc
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  rc=$?
+  say "$(printf '%-18s exit %3d  %4ds  (log: %s.txt)' "$name" "$rc" $((SECONDS - started)) "$name")"
+  return $rc
+}
 
-python="${PYTHON:-python3}"
-torch_dir="$($python -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
-echo "LibTorch from $torch_dir" | tee "$out/machine.txt"
-$python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda); print(torch.cuda.get_device_name(0))' | tee -a "$out/machine.txt"
-nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv | tee -a "$out/machine.txt" || true
-date -u | tee -a "$out/machine.txt"
+say "distorch GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+torch_dir=$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null) \
+  || fail "no PyTorch install importable by '$python' (set PYTHON to the interpreter whose torch to build against)"
+torch_version=$("$python" -c 'import torch; print(torch.__version__)')
+torch_cuda=$("$python" -c 'import torch; print(torch.version.cuda or "")')
+[ -n "$torch_cuda" ] && [ -f "$torch_dir/lib/libtorch_cuda.so" ] \
+  || fail "PyTorch $torch_version in $torch_dir is not a CUDA build (torch.version.cuda is empty or lib/libtorch_cuda.so is missing)"
+say "PyTorch $torch_version (CUDA $torch_cuda) in $torch_dir"
+gpus=$(nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader 2>/dev/null)
+say "GPUs: ${gpus:-(nvidia-smi not found)}"
 
-if [ ! -d "$build" ]; then
-  meson setup "$build" "$root" -Dtorch_dir="$torch_dir" -Dbuildtype=release
+extra=()
+if [ -d "$root/.carry/include" ]; then
+  extra=(-Dextra_include_dirs="$root/.carry/include" -Dextra_lib_dirs="$root/.carry/lib")
 fi
-jobs="$(nproc)"
-meson compile -C "$build" -j "$jobs" test_runtime quickstart block_loop custom_loader registry_example bench_streaming
+if [ ! -f "$build/build.ninja" ]; then
+  step configure 120 meson setup "$build" "$root" -Dtorch_dir="$torch_dir" -Dcuda=enabled -Dpython="$python" \
+    -Dbuildtype=release -Dtests=true -Dbenchmarks=true -Dexamples=false -Dtools=true "${extra[@]}" \
+    || fail "meson setup (see configure.txt)"
+fi
+step build 300 meson compile -C "$build" -j "$jobs" tests/cuda/test_cuda bench/gpu/bench_streaming tools/distorch \
+  || { tail -n 30 "$out/build.txt" >> "$summary"; fail "build (see build.txt)"; }
+[ "${DISTORCH_GPU_BUILD_ONLY:-0}" = 1 ] && { say "built; DISTORCH_GPU_BUILD_ONLY=1: nothing run"; exit 0; }
 
-# The runtime tests and the examples (the quickstart computes on cuda:0 when there is a GPU).
-"$build/tests/runtime/test_runtime" 2>&1 | tee "$out/test_runtime.txt"
-for ex in quickstart block_loop custom_loader registry_example; do
-  "$build/examples/$ex" 2>&1 | tee "$out/$ex.txt"
-done
-
-# The streaming benchmark: all resident, prefetch depth 1 and 2, synchronous fetch per unit.
-"$build/bench/bench_streaming" --benchmark_counters_tabular=true \
-  --benchmark_out="$out/bench_streaming.json" --benchmark_out_format=json 2>&1 | tee "$out/bench_streaming.txt"
-
-# The same layer shapes under accelerate's cpu_offload.
-width="${DISTORCH_BENCH_WIDTH:-4096}" blocks="${DISTORCH_BENCH_BLOCKS:-12}" tokens="${DISTORCH_BENCH_TOKENS:-2048}"
-$python "$here/accelerate_offload.py" --width "$width" --blocks "$blocks" --tokens "$tokens" 2>&1 | tee "$out/accelerate_offload.txt"
-echo "results in $out"
+status=0
+export DISTORCH_SOURCE_ROOT=$root DISTORCH_PYTHON=$python
+step test_cuda 150 "$build/tests/cuda/test_cuda" || status=1
+grep -E '^\[doctest\] (test cases|assertions)' "$out/test_cuda.txt" | tee -a "$summary"
+grep -E 'skipped:' "$out/test_cuda.txt" | head -n 3 | tee -a "$summary"
+step bench_streaming 240 "$build/bench/bench_streaming" --benchmark_counters_tabular=true \
+  --benchmark_out="$out/bench_streaming.json" --benchmark_out_format=json || status=1
+grep -E '^(BM_|-|Benchmark)' "$out/bench_streaming.txt" | head -n 20 >> "$summary"
+step profile 120 "$build/tools/distorch" profile --json --out "$out/profile.json" || status=1
+say "done: $( [ $status = 0 ] && echo "every step passed" || echo "some step FAILED" ); results in $out"
+exit $status

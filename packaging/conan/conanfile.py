@@ -69,6 +69,17 @@ class DistorchConan(ConanFile):
             torch_dir = os.path.normpath(os.path.join(torch_dir, "..", "..", ".."))
         return torch_dir
 
+    @staticmethod
+    def _torch_abi(root):
+        """The C++ ABI LibTorch was built with, read from its libc10 (new-ABI std::string symbols
+        carry `__cxx11`); 1, the ABI of every LibTorch 2.x and of Debian's, when none is found."""
+        lib = os.path.join(root, "lib", "libc10.so") if root else "/usr/lib/x86_64-linux-gnu/libc10.so"
+        try:
+            with open(lib, "rb") as f:
+                return 1 if b"__cxx11" in f.read() else 0
+        except OSError:
+            return 1
+
     def package_info(self):
         # The same names as the CMake config and the .pc file that `meson install` writes.
         self.cpp_info.set_property("cmake_file_name", "distorch")
@@ -76,10 +87,10 @@ class DistorchConan(ConanFile):
         self.cpp_info.set_property("pkg_config_name", "distorch")
         self.cpp_info.bindirs = []
         self.cpp_info.libdirs = []
-        self.cpp_info.defines = ["_GLIBCXX_USE_CXX11_ABI=1"]
         self.cpp_info.requires = ["range-v3::range-v3", "nlohmann_json::nlohmann_json"]
 
         root = self._torch_root()
+        self.cpp_info.defines = [f"_GLIBCXX_USE_CXX11_ABI={self._torch_abi(root)}"]
         if root:
             self.cpp_info.includedirs = ["include", os.path.join(root, "include"),
                                          os.path.join(root, "include", "torch", "csrc", "api", "include")]

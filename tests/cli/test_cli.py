@@ -3,17 +3,21 @@
 input) of version, validate, plan (--units and --model), inspect, lora inspect|apply and demo;
 --help with examples for every command; --json as one object on stdout; CLI11's own parse errors
 as one line; the progress bar (never when piped, drawn on a pseudo-terminal). Weight files are
-written here by hand from the safetensors spec (struct + json), independent of distorch's writer,
-and .bin adapters by PyTorch's torch.save.
+written and read back here by the safetensors package (independent of distorch's writer), and .bin
+adapters by PyTorch's torch.save. Runs under $DISTORCH_PYTHON's interpreter (meson starts it so),
+the pinned environment with torch, numpy and safetensors.
 Usage: test_cli.py PATH/TO/distorch"""
 import json
 import os
 import pty
 import select
-import struct
 import subprocess
 import sys
 import tempfile
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 exe = sys.argv[1]
 failures = []
@@ -67,16 +71,15 @@ def json_object(name, result):
     return value if isinstance(value, dict) else None
 
 
+def described(array):
+    """(dtype, shape, raw bytes): a tensor compared bit for bit."""
+    return str(array.dtype), list(array.shape), array.tobytes()
+
+
 def read_safetensors(path):
-    """{name: (dtype, shape, raw bytes)} and the metadata, read by hand from the spec."""
-    with open(path, "rb") as f:
-        blob = f.read()
-    n = struct.unpack("<Q", blob[:8])[0]
-    header = json.loads(blob[8:8 + n])
-    meta = header.pop("__metadata__", {})
-    base = 8 + n
-    return {k: (v["dtype"], v["shape"], blob[base + v["data_offsets"][0]:base + v["data_offsets"][1]])
-            for k, v in header.items()}, meta
+    """{name: (dtype, shape, raw bytes)} and the metadata, read back by the safetensors package."""
+    with safe_open(path, framework="np") as f:
+        return {k: described(f.get_tensor(k)) for k in f.keys()}, f.metadata() or {}
 
 
 def check(name, condition, detail=""):
@@ -87,16 +90,8 @@ def check(name, condition, detail=""):
 
 
 def write_safetensors(path, tensors):
-    """tensors: list of (name, dtype, shape, raw bytes)."""
-    header, offset, data = {}, 0, b""
-    for name, dtype, shape, raw in tensors:
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
-        offset += len(raw)
-        data += raw
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + data)
+    """tensors: {name: numpy array}, written by the safetensors package (no metadata)."""
+    save_file(tensors, path)
 
 
 with tempfile.TemporaryDirectory() as tmp:
@@ -138,8 +133,8 @@ with tempfile.TemporaryDirectory() as tmp:
     check("plan without a model", rc == 1, err)
 
     model = os.path.join(tmp, "model.safetensors")
-    write_safetensors(model, [(f"blocks.{i}.w", "F32", [256, 256], struct.pack("<f", float(i)) * 65536) for i in range(4)]
-                      + [("head.w", "F16", [2], struct.pack("<e", 1.5) * 2)])
+    write_safetensors(model, {**{f"blocks.{i}.w": np.full((256, 256), float(i), np.float32) for i in range(4)},
+                              "head.w": np.full(2, 1.5, np.float16)})
     rc, out, err = run("plan", "--alloc", "cuda:0,300kb;cpu,*", "--devices", "cuda:0=1GiB,cpu=16GiB",
                        "--compute", "cuda:0", "--model", model, "--group", r"blocks\.\d+", "--json")
     check("plan --model", rc == 0, err)
@@ -163,8 +158,8 @@ with tempfile.TemporaryDirectory() as tmp:
     check("inspect truncated file", rc == 1 and "format_error" in err and err.count("\n") == 1, err)
 
     lora = os.path.join(tmp, "lora.safetensors")
-    write_safetensors(lora, [("blocks.0.lora_A.weight", "F32", [2, 256], struct.pack("<f", 0.5) * 512),
-                             ("blocks.0.lora_B.weight", "F32", [256, 2], struct.pack("<f", 0.25) * 512)])
+    write_safetensors(lora, {"blocks.0.lora_A.weight": np.full((2, 256), 0.5, np.float32),
+                             "blocks.0.lora_B.weight": np.full((256, 2), 0.25, np.float32)})
     rc, out, err = run("lora", "inspect", lora, "--json")
     check("lora inspect", rc == 0, err)
 
@@ -243,11 +238,11 @@ with tempfile.TemporaryDirectory() as tmp:
 
     # ---- lora apply: .safetensors and .bin adapters, summary, JSON, progress ------------------
     base = os.path.join(tmp, "base.safetensors")
-    base_tensors = [(f"blocks.{i}.weight", "F32", [256, 256], struct.pack("<f", 0.125 * i) * 65536) for i in range(3)]
-    base_tensors.append(("norm.weight", "F16", [256], struct.pack("<e", 1.0) * 256))
+    base_tensors = {f"blocks.{i}.weight": np.full((256, 256), 0.125 * i, np.float32) for i in range(3)}
+    base_tensors["norm.weight"] = np.full(256, 1.0, np.float16)
     write_safetensors(base, base_tensors)
     lora_bin = os.path.join(tmp, "lora.bin")
-    python = os.environ.get("DISTORCH_PYTHON", "/usr/bin/python3")
+    python = os.environ.get("DISTORCH_PYTHON", sys.executable)
     made = subprocess.run([python, "-c", (
         "import sys, torch\n"
         "torch.save({'blocks.0.lora_A.weight': torch.full((2, 256), 0.5),\n"
@@ -271,7 +266,7 @@ with tempfile.TemporaryDirectory() as tmp:
     if os.path.exists(merged_st) and os.path.exists(merged_bin):
         a, _ = read_safetensors(merged_st)
         b, meta = read_safetensors(merged_bin)
-        original = {name: (dtype, shape, raw) for name, dtype, shape, raw in base_tensors}
+        original = {name: described(array) for name, array in base_tensors.items()}
         check("lora apply .bin = .safetensors adapter", a == b, "merged files differ")
         check("lora apply .bin patched its target", b["blocks.0.weight"][2] != original["blocks.0.weight"][2], "unchanged")
         check("lora apply .bin left the rest", all(b[n] == original[n] for n in ("blocks.1.weight", "blocks.2.weight",

@@ -136,8 +136,12 @@ def run_portfile(facts, where, installed, tmp):
         shutil.copy(where["prefix"] / f, staged / target)
     # As configured by the portfile's -Dtorch_dir=${CURRENT_INSTALLED_DIR}.
     config = staged / "lib" / "cmake" / "distorch" / "distorchConfig.cmake"
+    built_root = None
     if config.is_file():
-        config.write_text(re.sub(r'set\(_distorch_torch_root "[^"]*"\)', f'set(_distorch_torch_root "{installed_dir}")', config.read_text()))
+        text = config.read_text()
+        built_root = re.search(r'set\(_distorch_torch_root "([^"]*)"\)', text)
+        built_root = built_root.group(1) if built_root else None
+        config.write_text(re.sub(r'set\(_distorch_torch_root "[^"]*"\)', f'set(_distorch_torch_root "{installed_dir}")', text))
     stubs = (Path(__file__).resolve().parent / "vcpkg_stubs.cmake.in").read_text()
     for key, value in {"PACKAGES": packages, "INSTALLED": installed_dir, "STAGED": staged, "RECORD": record,
                        "PORTFILE": PORT / "portfile.cmake"}.items():
@@ -174,8 +178,10 @@ def run_portfile(facts, where, installed, tmp):
     print(f"portfile run: {len(got)} files in the package")
 
     # A CMake project finds the package where vcpkg puts it, with the headers from the package.
+    # This simulated vcpkg tree has no libtorch port installed: the consumer names the LibTorch
+    # this build used through Torch_DIR, as a user with LibTorch outside vcpkg would.
     out = consumer.run(["cmake", "-S", Path(__file__).resolve().parent / "vcpkg_consumer", "-B", tmp / "vcpkg" / "consumer",
-                        f"-DCMAKE_PREFIX_PATH={packages}"])
+                        f"-DCMAKE_PREFIX_PATH={packages}"] + ([f"-DTorch_DIR={built_root}"] if built_root else []))
     includes = re.search(r"distorch-includes=(.*)", out)
     version = re.search(r"distorch-version=(.*)", out)
     check(includes is not None and Path(includes.group(1).split(";")[0]).resolve() == (packages / "include").resolve(),

@@ -331,11 +331,12 @@ TEST_CASE("binding from tensor records uses their shapes and dtypes") {
 namespace {
 
 // Writes one adapter twice: as a PyTorch .bin (torch.save of a state dict, the format older PEFT
-// and kohya trainers leave behind) and as safetensors written byte by byte from the specification
-// (Debian's python3 has no safetensors module). Kohya keys with 0-d alphas and float16 factors,
-// PEFT keys in float32, and one factor saved as a view at a nonzero storage offset.
+// and kohya trainers leave behind) and as safetensors with the safetensors package's own
+// save_file. Kohya keys with 0-d alphas and float16 factors, PEFT keys in float32, bfloat16
+// factors, and one factor saved as a view at a nonzero storage offset.
 constexpr const char* bin_adapter_script = R"PY(
-import json, struct, sys, torch
+import sys, torch
+from safetensors.torch import save_file
 out = sys.argv[1]
 g = torch.Generator().manual_seed(1234)
 def randn(*shape, dtype=torch.float32):
@@ -351,18 +352,7 @@ sd = {
     "base_model.model.blocks.1.mlp.lora_A.weight": randn(2, 9, dtype=torch.bfloat16),
 }
 torch.save(sd, out + "/adapter_model.bin")
-names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-header, blobs, offset = {}, [], 0
-for key in sorted(sd):
-    t = sd[key].contiguous()
-    raw = bytes(t.reshape(-1).view(torch.uint8).tolist())
-    header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-    blobs.append(raw)
-    offset += len(raw)
-text = json.dumps(header).encode()
-text += b" " * (-len(text) % 8)
-with open(out + "/adapter_model.safetensors", "wb") as f:
-    f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+save_file(sd, out + "/adapter_model.safetensors", metadata={"format": "pt"})
 )PY";
 
 }  // namespace

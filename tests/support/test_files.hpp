@@ -38,10 +38,11 @@ struct temp_dir {
   }
 };
 
-/// The interpreter with torch: $DISTORCH_PYTHON (set by meson test), else Debian's python3.
+/// The interpreter with torch and the reference packages: $DISTORCH_PYTHON (set by meson test to
+/// the pinned virtual environment), else python3 on PATH.
 inline std::string python() {
   const char* p = std::getenv("DISTORCH_PYTHON");
-  return p != nullptr ? p : "/usr/bin/python3";
+  return p != nullptr ? p : "python3";
 }
 
 /// The whole content of a file ("" when it cannot be read).

@@ -22,6 +22,7 @@
 #include "distorch/device/discover.hpp"
 
 #if defined(DISTORCH_WITH_CUDA)
+#include <ATen/Context.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
@@ -44,12 +45,28 @@ constexpr bool cuda_allocator_stats_supported() noexcept {
 #endif
 }
 
+#if defined(DISTORCH_WITH_CUDA)
+namespace detail {
+/// Initialises LibTorch's CUDA state (and with it the caching allocator) once: asking the
+/// allocator before the first CUDA allocation otherwise throws "did you call init?". The
+/// initialiser is `lazyInitDevice(kCUDA)` in LibTorch 2.x, `lazyInitCUDA()` before.
+template <class Context>
+void lazy_init_cuda(Context& context) {
+  if constexpr (requires { context.lazyInitDevice(c10::DeviceType::CUDA); })
+    context.lazyInitDevice(c10::DeviceType::CUDA);
+  else
+    context.lazyInitCUDA();
+}
+}  // namespace detail
+#endif
+
 /// Allocated and reserved bytes of CUDA device `index`, or nullopt where this build cannot ask or
-/// the device does not exist.
+/// the device does not exist. Safe before any CUDA allocation (it initialises CUDA first).
 /// \code auto s = distorch::cuda_allocator_stats(0); \endcode
 inline std::optional<torch_allocator_stats> cuda_allocator_stats(int index) {
   if (index < 0 || index >= torch_device_count(c10::DeviceType::CUDA)) return std::nullopt;
 #if defined(DISTORCH_WITH_CUDA)
+  detail::lazy_init_cuda(at::globalContext());
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(index));
   // Index 0 is StatType::AGGREGATE in every LibTorch version; the enum moved namespaces in 2.x.
   return torch_allocator_stats{static_cast<std::uint64_t>(stats.allocated_bytes[0].current),
@@ -65,6 +82,7 @@ inline std::optional<torch_allocator_stats> cuda_allocator_stats(int index) {
 inline bool cuda_empty_cache() {
   if (torch_device_count(c10::DeviceType::CUDA) == 0) return false;
 #if defined(DISTORCH_WITH_CUDA)
+  detail::lazy_init_cuda(at::globalContext());
   c10::cuda::CUDACachingAllocator::emptyCache();
   return true;
 #else
