@@ -11,7 +11,8 @@
 # Usage: OUT=/path bench/gpu/run-gpu.sh
 # Environment: PYTHON (default python3), DISTORCH_GPU_BUILD (default build-gpu),
 #              DISTORCH_GPU_JOBS (default: nproc), DISTORCH_BENCH_WIDTH/_BLOCKS/_TOKENS (benchmark
-#              size, see bench/gpu/bench_streaming.cpp), DISTORCH_GPU_BUILD_ONLY=1 (build, run nothing).
+#              size, see bench/gpu/bench_streaming.cpp), DISTORCH_GPU_BUILD_ONLY=1 (build, run nothing),
+#              DISTORCH_GPU_BUILD_SECONDS (default 300: the build's time limit; a 2-core rehearsal needs more).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-$root/gpu-results}
@@ -45,14 +46,15 @@ say "GPUs: ${gpus:-(nvidia-smi not found)}"
 
 extra=()
 if [ -d "$root/.carry/include" ]; then
-  extra=(-Dextra_include_dirs="$root/.carry/include" -Dextra_lib_dirs="$root/.carry/lib")
+  # Meson refuses absolute include folders inside the source tree: relative to it, then.
+  extra=(-Dextra_include_dirs=.carry/include -Dextra_lib_dirs="$root/.carry/lib")
 fi
 if [ ! -f "$build/build.ninja" ]; then
   step configure 120 meson setup "$build" "$root" -Dtorch_dir="$torch_dir" -Dcuda=enabled -Dpython="$python" \
     -Dbuildtype=release -Dtests=true -Dbenchmarks=true -Dexamples=false -Dtools=true "${extra[@]}" \
     || fail "meson setup (see configure.txt)"
 fi
-step build 300 meson compile -C "$build" -j "$jobs" tests/cuda/test_cuda bench/gpu/bench_streaming tools/distorch \
+step build "${DISTORCH_GPU_BUILD_SECONDS:-300}" meson compile -C "$build" -j "$jobs" tests/cuda/test_cuda bench/bench_streaming tools/distorch \
   || { tail -n 30 "$out/build.txt" >> "$summary"; fail "build (see build.txt)"; }
 [ "${DISTORCH_GPU_BUILD_ONLY:-0}" = 1 ] && { say "built; DISTORCH_GPU_BUILD_ONLY=1: nothing run"; exit 0; }
 
