@@ -126,6 +126,20 @@ with tempfile.TemporaryDirectory() as tmp:
     rc, out, err = run("plan", "--alloc", "cuda:0,300mb;cpu,*", "--devices", "cuda:0=2GiB,cpu=16GiB",
                        "--compute", "cuda:0", "--units", units)
     check("plan table", rc == 0 and "cuda:0" in out and "cpu" in out, out + err)
+    # Storage suffixes plan as without them, and are shown (table line, JSON "storage").
+    rc, out, err = run("plan", "--alloc", "cuda:0,300mb;cpu,*:fp8", "--devices", "cuda:0=2GiB,cpu=16GiB",
+                       "--compute", "cuda:0", "--units", units, "--json")
+    check("plan storage --json", rc == 0, err)
+    if rc == 0:
+        plan = json.loads(out)
+        check("plan storage json", plan.get("storage") == {"cpu": "float8_e4m3fn"}, str(plan.get("storage")))
+        check("plan storage same homes", [u["device"] for u in plan["units"]] == ["cuda:0"] * 3 + ["cpu"] * 7, str(plan["units"]))
+    rc, out, err = run("plan", "--alloc", "cuda:0,300mb;cpu,*:bf16", "--devices", "cuda:0=2GiB,cpu=16GiB",
+                       "--compute", "cuda:0", "--units", units)
+    check("plan storage table", rc == 0 and "storage: cpu=bfloat16" in out, out + err)
+    rc, out, err = run("plan", "--alloc", "cuda:0,300mb;cpu,*:int8", "--devices", "cuda:0=2GiB,cpu=16GiB",
+                       "--compute", "cuda:0", "--units", units)
+    check("plan bad storage suffix", rc == 1 and "unknown storage dtype" in err and "bf16" in err and err.count("\n") == 1, err)
     rc, out, err = run("plan", "--alloc", "cuda:0,1gb;cpu,*", "--devices", "cuda:0=2GiB,cpu=16GiB",
                        "--units", os.path.join(tmp, "missing.json"))
     check("plan missing units file", rc == 1 and err.count("\n") == 1, err)

@@ -1,7 +1,8 @@
 // Tests for the LibTorch side of safetensors: io/torch_tensor.hpp, io/safetensors_source.hpp,
 // io/open.hpp, io/file_inventory.hpp and io/state_dict.hpp. The reference files are written at
-// test time by Debian's python3-torch, byte by byte from the specification with struct and json
-// (independent of distorch's writer); values are compared against float64 dumps made by Python.
+// test time by the pinned environment's torch and the real `safetensors` package (independent of
+// distorch's writer), plus one file built by hand from the specification for the layouts that
+// package never writes; values are compared against float64 dumps made by Python.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
@@ -23,11 +24,14 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -44,13 +48,20 @@ void write_all(const std::string& path, std::string_view bytes) {
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
-// The reference writer and checker. `write DIR`: writes DIR/ref.safetensors by hand from the
-// specification, with the header in reverse offset order, spaced JSON and tensors laid out so
-// that some are misaligned, plus DIR/<name>.f64 holding each tensor's values as float64.
-// `check FILE`: verifies a file written by distorch against the same tensors and the writer's
-// layout rules, printing OK.
+// The reference writer and checker. `write DIR`: writes DIR/ref.safetensors with
+// safetensors.torch.save_file (metadata format=pt, writer=python), DIR/ref.order listing its tensors
+// in file order as the safetensors package reports it (offset_keys), DIR/<name>.f64 holding each
+// tensor's values as float64, and DIR/handmade.safetensors. The hand-made file is kept on purpose:
+// the safetensors package always sorts tensors by dtype, aligns every one and writes its header in
+// file order, so only a hand writer gives a header in reverse offset order and tensors laid out
+// (in list order) so that some are misaligned. `check FILE`: verifies a file written by distorch
+// against the same tensors: its layout rules from the raw header (sorting, alignment, padding,
+// contiguity: properties the safetensors package does not check), and its metadata, dtypes, shapes
+// and bytes as read back by safetensors.safe_open and safetensors.torch.load_file, bit for bit.
 constexpr const char* reference_script = R"PY(
 import json, struct, sys, torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 def tensors():
     g = torch.Generator().manual_seed(1234)
@@ -77,19 +88,26 @@ def raw(t):
 
 mode, target = sys.argv[1], sys.argv[2]
 if mode == "write":
+    for name, t, st in tensors():
+        open(target + "/" + name + ".f64", "wb").write(t.double().numpy().tobytes())
+    save_file({name: t for name, t, _ in tensors()}, target + "/ref.safetensors",
+              metadata={"format": "pt", "writer": "python"})
+    with safe_open(target + "/ref.safetensors", framework="pt") as f:
+        open(target + "/ref.order", "w").write("\n".join(f.offset_keys()) + "\n")
+    # The hand-made file (see above): list order in the data, header in reverse, padded to 8.
     header, data = {}, b""
     for name, t, st in tensors():
         b = raw(t)
         header[name] = {"dtype": st, "shape": list(t.shape), "data_offsets": [len(data), len(data) + len(b)]}
         data += b
-        open(target + "/" + name + ".f64", "wb").write(t.double().numpy().tobytes())
-    ordered = {"__metadata__": {"format": "pt", "writer": "python"}}
+    ordered = {"__metadata__": {"format": "pt", "writer": "hand"}}
     for k in reversed(list(header)):
         ordered[k] = header[k]
     js = json.dumps(ordered).encode()
     js += b" " * ((8 - len(js) % 8) % 8)
-    open(target + "/ref.safetensors", "wb").write(struct.pack("<Q", len(js)) + js + data)
+    open(target + "/handmade.safetensors", "wb").write(struct.pack("<Q", len(js)) + js + data)
 else:
+    # Layout rules of distorch's writer, from the raw header.
     blob = open(target, "rb").read()
     (n,) = struct.unpack("<Q", blob[:8])
     assert (8 + n) % 8 == 0, "header not padded to 8"
@@ -113,6 +131,20 @@ else:
         b, e_ = e["data_offsets"]
         assert e["dtype"] == st and e["shape"] == list(t.shape), name
         assert blob[8 + n + b:8 + n + e_] == raw(t), "bytes differ for " + name
+    # The same file read back by the safetensors package itself.
+    with safe_open(target, framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "writer": "distorch"}, f.metadata()
+        assert set(f.keys()) == set(expected), "safe_open names differ"
+        for name in f.keys():
+            t, _ = expected[name]
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and list(got.shape) == list(t.shape), "safe_open: " + name
+            assert raw(got) == raw(t), "safe_open bytes differ for " + name
+    loaded = load_file(target)
+    assert set(loaded) == set(expected), "load_file names differ"
+    for name, got in loaded.items():
+        t, _ = expected[name]
+        assert got.dtype == t.dtype and got.shape == t.shape and raw(got) == raw(t), "load_file: " + name
     print("OK")
 )PY";
 
@@ -125,6 +157,15 @@ std::string run_reference(const temp_dir& dir, const std::string& mode, const st
   INFO(text);
   REQUIRE(rc == 0);
   return text;
+}
+
+/// The reference file's tensor names in file order, as the safetensors package reports them.
+std::vector<std::string> reference_file_order(const temp_dir& dir) {
+  std::vector<std::string> names;
+  std::istringstream lines(read_file(dir / "ref.order"));
+  for (std::string line; std::getline(lines, line);)
+    if (!line.empty()) names.push_back(line);
+  return names;
 }
 
 /// float64 reference values written by Python for one tensor.
@@ -154,15 +195,23 @@ const std::vector<std::string> reference_names{"layers.0.weight", "layers.0.bias
 
 }  // namespace
 
-TEST_CASE("a file written by Python from the spec loads with exact values, dtypes and metadata") {
+TEST_CASE("a file written by the safetensors package loads with exact values, dtypes and metadata") {
   temp_dir dir{"stt"};
   run_reference(dir, "write", dir.path.string());
   distorch::safetensors_source src(dir / "ref.safetensors");
   CHECK(src.format() == "safetensors");
+  CHECK(src.metadata().at("format") == "pt");
   CHECK(src.metadata().at("writer") == "python");
   REQUIRE(src.records().size() == reference_names.size());
-  // Records follow file order (Python laid them out in list order), not header order.
-  for (std::size_t i = 0; i < reference_names.size(); ++i) CHECK(src.records()[i].name == reference_names[i]);
+  // Records follow file order (the package sorts by dtype, then name): neither list order nor
+  // the alphabetical order of a parsed JSON object.
+  const auto order = reference_file_order(dir);
+  REQUIRE(order.size() == reference_names.size());
+  auto alphabetical = reference_names;
+  std::sort(alphabetical.begin(), alphabetical.end());
+  CHECK(order != reference_names);
+  CHECK(order != alphabetical);
+  for (std::size_t i = 0; i < order.size(); ++i) CHECK(src.records()[i].name == order[i]);
   const std::map<std::string, at::ScalarType> dtypes{
       {"layers.0.weight", at::kFloat}, {"layers.0.bias", at::kDouble}, {"layers.1.half", at::kHalf},
       {"layers.1.bf", at::kBFloat16},  {"ints.i64", at::kLong},        {"ints.i32", at::kInt},
@@ -182,7 +231,25 @@ TEST_CASE("a file written by Python from the spec loads with exact values, dtype
 TEST_CASE("aligned tensors are zero-copy views; misaligned ones are copies with the same values") {
   temp_dir dir{"stt"};
   run_reference(dir, "write", dir.path.string());
-  distorch::safetensors_source src(dir / "ref.safetensors");
+  // The safetensors package aligns every tensor, so there even the F64 is a zero-copy view.
+  {
+    distorch::safetensors_source packaged(dir / "ref.safetensors");
+    const auto& bias = packaged.descriptor("layers.0.bias");
+    REQUIRE((packaged.header().data_offset + bias.begin) % 8 == 0);
+    const auto b = packaged.load("layers.0.bias");
+    CHECK(distorch::shares_mapping(b, *packaged.file()));
+    CHECK(values_of(b) == reference_values(dir, "layers.0.bias"));
+  }
+  // Misaligned tensors only come from the hand-made file (the package never writes one). Its
+  // header lists the tensors in reverse; records still follow file order, which is list order.
+  distorch::safetensors_source src(dir / "handmade.safetensors");
+  CHECK(src.metadata().at("writer") == "hand");
+  REQUIRE(src.records().size() == reference_names.size());
+  for (std::size_t i = 0; i < reference_names.size(); ++i) CHECK(src.records()[i].name == reference_names[i]);
+  for (const auto& name : reference_names) {
+    CAPTURE(name);
+    CHECK(values_of(src.load(name)) == reference_values(dir, name));
+  }
   // Python padded the header to 8, so the first tensor (F32 at buffer offset 0) is aligned and
   // the F64 after 15 floats (buffer offset 60) is not.
   const auto& first = src.descriptor("layers.0.weight");
@@ -294,6 +361,81 @@ TEST_CASE("float8 and sub-byte tensors parse; materializing them where LibTorch 
   CHECK(values_of(f8) == std::vector<double>{1.0, 2.0, 3.0, 4.0});  // E4M3: 0x38=1, 0x40=2, 0x44=3, 0x48=4
 #endif
   CHECK_THROWS_AS((void)src.load("missing"), distorch::format_error);
+}
+
+// Writes f8.safetensors with the safetensors package (every bit pattern of both float8 kinds, and
+// float32 values cast by torch), plus each tensor's raw bytes (.raw) and its float32 view (.f32).
+constexpr const char* float8_script = R"PY(
+import sys, torch
+from safetensors.torch import save_file
+out = sys.argv[1]
+g = torch.Generator().manual_seed(7)
+every = torch.arange(256, dtype=torch.uint8)
+tensors = {
+    "e4m3.every": every.clone().view(torch.float8_e4m3fn).reshape(16, 16),
+    "e5m2.every": every.clone().view(torch.float8_e5m2),
+    "e4m3.cast": (torch.randn(3, 5, generator=g) * 40).to(torch.float8_e4m3fn),
+    "e5m2.cast": (torch.randn(2, 3, 4, generator=g) * 1000).to(torch.float8_e5m2),
+}
+save_file(tensors, out + "/f8.safetensors", metadata={"format": "pt"})
+for name, t in tensors.items():
+    open(out + "/" + name + ".raw", "wb").write(t.contiguous().view(torch.uint8).numpy().tobytes())
+    open(out + "/" + name + ".f32", "wb").write(t.float().numpy().tobytes())
+)PY";
+
+TEST_CASE("float8 written by the safetensors package loads bit for bit from LibTorch 2.1; older LibTorch names the version needed") {
+  temp_dir dir{"stt-f8"};
+  REQUIRE_MESSAGE(distorch_test::run_python(dir, "write_f8.py", float8_script, dir.path.string()) == 0,
+                  read_file(dir / "write_f8.py.log"));
+  distorch::safetensors_source src(dir / "f8.safetensors");
+  struct expected_tensor {
+    const char* name;
+    distorch::dtype type;
+    std::vector<std::int64_t> shape;
+  };
+  const expected_tensor expected[] = {{"e4m3.every", distorch::dtype::f8_e4m3, {16, 16}},
+                                      {"e5m2.every", distorch::dtype::f8_e5m2, {256}},
+                                      {"e4m3.cast", distorch::dtype::f8_e4m3, {3, 5}},
+                                      {"e5m2.cast", distorch::dtype::f8_e5m2, {2, 3, 4}}};
+  REQUIRE(src.records().size() == 4);
+  for (const auto& e : expected) {
+    const std::string name = e.name;
+    CAPTURE(name);
+    const auto it = std::find_if(src.records().begin(), src.records().end(), [&](const auto& r) { return r.name == name; });
+    REQUIRE(it != src.records().end());
+    CHECK(it->type == e.type);  // the header parses on every LibTorch
+    CHECK(it->shape == e.shape);
+    const std::string raw = read_file(dir / (name + ".raw"));
+    const std::string f32 = read_file(dir / (name + ".f32"));
+#if defined(DISTORCH_TORCH_HAS_FLOAT8)
+    const at::Tensor t = src.load(name).contiguous();
+    CHECK((t.scalar_type() == (e.type == distorch::dtype::f8_e4m3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2)));
+    CHECK(t.sizes().vec() == e.shape);
+    REQUIRE(raw.size() == static_cast<std::size_t>(t.numel()));
+    CHECK(std::memcmp(t.data_ptr(), raw.data(), raw.size()) == 0);  // the bytes Python wrote
+    // LibTorch's float32 view of them is Python's, bit for bit (NaN for NaN).
+    const at::Tensor widened = t.to(at::kFloat).contiguous();
+    REQUIRE(f32.size() == static_cast<std::size_t>(widened.numel()) * 4);
+    std::size_t mismatches = 0;
+    for (std::int64_t k = 0; k < widened.numel(); ++k) {
+      float want = 0;
+      std::memcpy(&want, f32.data() + 4 * k, 4);
+      const float got = widened.data_ptr<float>()[k];
+      if (std::isnan(want) ? !std::isnan(got) : std::memcmp(&want, &got, 4) != 0) ++mismatches;
+    }
+    CHECK(mismatches == 0);
+#else
+    try {
+      (void)src.load(name);
+      FAIL("float8 was materialized on a LibTorch without float8");
+    } catch (const distorch::format_error& e) {
+      CHECK(e.info().subject == name);
+      CHECK(e.info().problem.find("float8 dtypes only from 2.1") != std::string::npos);
+      CHECK(e.info().problem.find(TORCH_VERSION) != std::string::npos);
+      CHECK(e.info().fix.find("LibTorch 2.1 or newer") != std::string::npos);
+    }
+#endif
+  }
 }
 
 TEST_CASE("open_weights picks the reader from the content and says clearly what it cannot read") {

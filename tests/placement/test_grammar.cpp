@@ -1,6 +1,8 @@
 // Tests for placement/grammar.hpp: accepted strings and what they parse to, one test per class
 // of rejected string with the expected column, and the checks against a topology.
+#include "distorch/placement/any_policy.hpp"
 #include "distorch/placement/grammar.hpp"
+#include "distorch/placement/planner.hpp"
 
 #include <doctest/doctest.h>
 
@@ -272,3 +274,134 @@ TEST_CASE("grammar rejects: backreferences in overrides") {
   check_rejects("(a)\\1=cpu;cpu,*", 1, "not a valid regular expression");
 }
 #endif
+
+namespace {
+
+/// A rejected storage suffix: allocation_error at `column`, its problem containing `part`, and the
+/// fix naming the accepted names when `names_accepted`.
+void check_rejects_storage(const std::string& text, std::size_t column, const std::string& part, bool names_accepted) {
+  CAPTURE(text);
+  check_rejects(text, column, part);
+  if (!names_accepted) return;
+  try {
+    (void)distorch::parse_allocation(text);
+  } catch (const distorch::allocation_error& e) {
+    for (const char* name : {"fp8", "e5m2", "bf16", "fp16"}) CHECK_MESSAGE(e.info().fix.find(name) != std::string::npos, e.what());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("grammar: storage suffixes in every entry form") {
+  using distorch::dtype;
+  auto spec = distorch::parse_allocation("cuda:0,2gb;cuda:1,4gb:bf16;cpu,*:fp8");
+  CHECK(spec.mode == allocation_mode::bytes);
+  REQUIRE(spec.entries.size() == 3);
+  CHECK_FALSE(spec.entries[0].storage.has_value());
+  CHECK(spec.entries[0].storage_column == 0);
+  CHECK(spec.entries[1].bytes == 4 * GiB);
+  CHECK(spec.entries[1].storage == dtype::bf16);
+  CHECK(spec.entries[1].storage_column == 23);
+  CHECK(spec.entries[2].wildcard);
+  CHECK(spec.entries[2].storage == dtype::f8_e4m3);
+  CHECK(spec.entries[2].text == "cpu,*:fp8");
+  CHECK(spec.entries[2].value_column == 32);
+  CHECK(spec.entries[2].storage_column == 34);
+  CHECK((distorch::storage_of(spec) ==
+         std::vector<distorch::device_storage>{{device_id::cuda(1), dtype::bf16}, {device_id::cpu(), dtype::f8_e4m3}}));
+
+  spec = distorch::parse_allocation("cpu,50%:e5m2;cuda:0,50%");
+  CHECK(spec.mode == allocation_mode::ratio);
+  CHECK(spec.entries[0].value_e9 == 50 * distorch::decimal_one);
+  CHECK(spec.entries[0].storage == dtype::f8_e5m2);
+
+  spec = distorch::parse_allocation("cuda:0,0.5:fp16;cpu, 0.25 : BF16 ");
+  CHECK(spec.mode == allocation_mode::fraction);
+  CHECK(spec.entries[0].storage == dtype::f16);
+  CHECK(spec.entries[1].value_e9 == distorch::decimal_one / 4);
+  CHECK(spec.entries[1].storage == dtype::bf16);
+
+  spec = distorch::parse_allocation("cpu,5gb*:float8_e4m3fn");
+  CHECK(spec.entries[0].bytes == 5 * GiB);
+  CHECK(spec.entries[0].storage == dtype::f8_e4m3);
+
+  // Virtual VRAM: a donor takes the suffix after its name (a device index is digits).
+  spec = distorch::parse_allocation("cuda:0;4;cuda:1:bf16,cpu:fp8, sim:2");
+  CHECK(spec.mode == allocation_mode::virtual_vram);
+  REQUIRE(spec.entries.size() == 3);
+  CHECK(spec.entries[0].device == device_id::cuda(1));
+  CHECK(spec.entries[0].storage == dtype::bf16);
+  CHECK(spec.entries[0].storage_column == 17);
+  CHECK(spec.entries[1].device == device_id::cpu());
+  CHECK(spec.entries[1].storage == dtype::f8_e4m3);
+  CHECK(spec.entries[2].device == device_id::sim(2));
+  CHECK_FALSE(spec.entries[2].storage.has_value());
+
+  spec = distorch::parse_allocation(R"(blocks\.0\..*=cuda:1;cuda:0,1gb;cuda:1,1gb:half;cpu,*:float8_e5m2)");
+  CHECK(spec.overrides.size() == 1);
+  CHECK((distorch::storage_of(spec) ==
+         std::vector<distorch::device_storage>{{device_id::cuda(1), dtype::f16}, {device_id::cpu(), dtype::f8_e5m2}}));
+  for (const auto& [name, type] : distorch::storage_dtype_names) {
+    CAPTURE(name);
+    CHECK(distorch::parse_allocation("cpu,*:" + std::string(name)).entries[0].storage == type);
+  }
+  CHECK(distorch::policy_from_string("cuda:0,1gb;cpu,*:fp8").storage().size() == 1);
+  CHECK(distorch::policy_from_string("cuda:0,1gb;cpu,*").storage().empty());
+}
+
+TEST_CASE("grammar: a storage suffix changes nothing else; strings without one parse and plan as before") {
+  const auto topo = distorch::parse_topology("cuda:0=8GiB,cuda:1=4GiB,cpu=32GiB");
+  std::vector<distorch::unit> units;
+  for (int i = 0; i < 12; ++i) units.push_back({"blocks." + std::to_string(i), {}, (300ull + 11 * i) << 20});
+  const distorch::inventory model(std::move(units));
+  const std::pair<const char*, const char*> pairs[] = {
+      {"cuda:0,1gb;cuda:1,1.5gb;cpu,*", "cuda:0,1gb;cuda:1,1.5gb:bf16;cpu,*:fp8"},
+      {"cuda:0,10%;cuda:1,30%;cpu,60%", "cuda:0,10%;cuda:1,30%:e5m2;cpu,60%:fp16"},
+      {"cuda:0,0.2;cuda:1,0.5;cpu,0.5", "cuda:0,0.2;cuda:1,0.5:fp8;cpu,0.5"},
+      {"cuda:0;2;cuda:1,cpu", "cuda:0;2;cuda:1:bf16,cpu:fp8"},
+      {R"(blocks\.3=cuda:1;cuda:0,1gb;cuda:1,0b;cpu,*)", R"(blocks\.3=cuda:1;cuda:0,1gb;cuda:1,0b:bf16;cpu,*:fp8)"},
+  };
+  for (const auto& [plain, suffixed] : pairs) {
+    CAPTURE(plain);
+    CAPTURE(suffixed);
+    const auto a = distorch::parse_allocation(plain);
+    for (const auto& e : a.entries) CHECK_FALSE(e.storage.has_value());
+    CHECK(distorch::storage_of(a).empty());
+    const auto b = distorch::parse_allocation(suffixed);
+    CHECK(b.mode == a.mode);
+    CHECK_FALSE(distorch::storage_of(b).empty());
+    const auto compute = a.mode == allocation_mode::virtual_vram ? a.vvram_compute : device_id::cuda(0);
+    const auto pa = distorch::make_plan(model, topo, compute, distorch::policy_from_spec(a), {});
+    const auto pb = distorch::make_plan(model, topo, compute, distorch::policy_from_spec(b), {});
+    REQUIRE(pa.units.size() == pb.units.size());
+    for (std::size_t i = 0; i < pa.units.size(); ++i) {
+      CHECK(pa.units[i].device == pb.units[i].device);
+      CHECK(pa.units[i].bytes == pb.units[i].bytes);
+    }
+  }
+}
+
+TEST_CASE("grammar rejects: an empty storage suffix") {
+  check_rejects_storage("cpu,*:", 7, "missing storage dtype after ':'", true);
+  check_rejects_storage("cuda:0,1gb;cpu,*:  ", 18, "missing storage dtype", true);
+}
+
+TEST_CASE("grammar rejects: an unknown storage dtype, naming the accepted ones") {
+  check_rejects_storage("cuda:0,1gb;cpu,*:int8", 18, "unknown storage dtype 'int8'", true);
+  check_rejects_storage("cpu,*:fp32", 7, "unknown storage dtype 'fp32'", true);
+  check_rejects_storage("cpu,50%:fp4", 9, "unknown storage dtype 'fp4'", true);
+  check_rejects_storage("cuda:0;4;cpu:nf4", 14, "unknown storage dtype 'nf4'", true);
+  check_rejects("cpu,fp8:bf16", 5, "must start with a number");  // the value is checked first
+}
+
+TEST_CASE("grammar rejects: two storage suffixes") {
+  check_rejects_storage("cpu,*:fp8:bf16", 10, "more than one storage suffix", false);
+  check_rejects_storage("cuda:0;4;cpu:fp8:bf16", 14, "more than one storage suffix", false);
+}
+
+TEST_CASE("grammar rejects: a storage suffix in the wrong place") {
+  check_rejects_storage("cpu:fp8,*", 5, "must follow the value", false);
+  check_rejects_storage("cpu,:fp8", 5, "missing value", false);
+  check_rejects_storage("blocks=cpu:fp8;cpu,*", 12, "override takes no storage suffix", false);
+  check_rejects_storage("cuda:0:fp8;4;cpu", 8, "compute device takes no storage suffix", false);
+}

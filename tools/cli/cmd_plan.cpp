@@ -113,9 +113,11 @@ int print_plan(const distorch::inventory& model, const plan_request& r) {
   options.head_rules = r.heads;
   std::optional<distorch::placement_plan> plan;
   std::optional<distorch::allocation_suggestion> suggestion;
+  std::vector<distorch::device_storage> storage;  // the string's :dtype suffixes
   if (!r.alloc.empty()) {
     const auto spec = distorch::parse_allocation(r.alloc);
     plan = distorch::make_plan(model, topo, choose_compute(r, spec, topo), distorch::policy_from_spec(spec), options);
+    storage = distorch::storage_of(spec);
   }
   if (r.suggest) {
     const distorch::device_id compute = plan ? plan->compute : choose_compute(r, distorch::allocation_spec{}, topo);
@@ -134,9 +136,18 @@ int print_plan(const distorch::inventory& model, const plan_request& r) {
     auto j = distorch::plan_to_json(*plan);
     if (prediction) j["prediction"] = distorch::prediction_to_json(*prediction);
     if (suggestion) j["suggestion"] = distorch::suggestion_to_json(*suggestion);
+    if (!storage.empty()) {
+      auto& s = j["storage"] = nlohmann::json::object();
+      for (const auto& h : storage) s[h.device.str()] = std::string(distorch::dtype_name(h.type));
+    }
     std::cout << j.dump(2) << '\n';
   } else {
     std::cout << distorch::format_plan_table(*plan);
+    if (!storage.empty()) {
+      std::cout << "storage:";
+      for (const auto& h : storage) std::cout << ' ' << h.device.str() << '=' << distorch::dtype_name(h.type);
+      std::cout << "  (floating weights kept narrower at these homes, cast back after each fetch; bytes above are the module's)\n";
+    }
     if (prediction) std::cout << distorch::format_prediction(*prediction);
     if (suggestion)
       std::cout << "suggest: " << suggestion->allocation << "  (smallest offload that fits: " << distorch::format_bytes(suggestion->offloaded_bytes)

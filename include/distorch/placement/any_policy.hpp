@@ -43,10 +43,13 @@ class any_policy {
   any_policy(P policy)  // NOLINT: converting on purpose
       : self_(std::make_unique<holder<P>>(std::move(policy))) {}
 
-  any_policy(const any_policy& other) : self_(other.self_->clone()) {}
+  any_policy(const any_policy& other) : self_(other.self_->clone()), storage_(other.storage_) {}
   any_policy(any_policy&&) noexcept = default;
   any_policy& operator=(const any_policy& other) {
-    if (this != &other) self_ = other.self_->clone();
+    if (this != &other) {
+      self_ = other.self_->clone();
+      storage_ = other.storage_;
+    }
     return *this;
   }
   any_policy& operator=(any_policy&&) noexcept = default;
@@ -57,6 +60,13 @@ class any_policy {
   std::string describe() const { return self_->describe(); }
   /// The held policy's override rules (empty when it has none).
   std::span<const override_rule> overrides() const { return self_->overrides(); }
+  /// The storage dtypes the allocation string's `:dtype` suffixes ask for (`storage_of`); empty
+  /// for policies not made from a string. DistributedModule stores those homes narrower.
+  /// \code auto homes = distorch::policy_from_string("cuda:0,8gb;cpu,*:fp8").storage();   // {{cpu, f8_e4m3}} \endcode
+  std::span<const device_storage> storage() const { return storage_; }
+  /// Sets what `storage()` reports (`policy_from_spec` does this from the string's suffixes).
+  /// \code p.set_storage({{distorch::device_id::cpu(), distorch::dtype::bf16}}); \endcode
+  void set_storage(std::vector<device_storage> storage) { storage_ = std::move(storage); }
 
  private:
   struct base {
@@ -76,20 +86,26 @@ class any_policy {
     P policy;
   };
   std::unique_ptr<base> self_;
+  std::vector<device_storage> storage_;
 };
 
 static_assert(placement_policy<any_policy>);
 
-/// The policy of a parsed allocation spec, with its overrides in front.
+/// The policy of a parsed allocation spec, with its overrides in front and its storage suffixes
+/// in `storage()`.
 /// \code
 ///   auto p = distorch::policy_from_spec(distorch::parse_allocation("cuda:0,0.1;cpu,0.5"));
 /// \endcode
 inline any_policy policy_from_spec(const allocation_spec& spec) {
   auto wrap = [&](auto policy) -> any_policy {
-    if (spec.overrides.empty()) return policy;
-    auto composed = with_overrides(std::move(policy), spec.overrides);
-    composed.text = spec.text;
-    return composed;
+    any_policy out = [&]() -> any_policy {
+      if (spec.overrides.empty()) return policy;
+      auto composed = with_overrides(std::move(policy), spec.overrides);
+      composed.text = spec.text;
+      return composed;
+    }();
+    out.set_storage(storage_of(spec));
+    return out;
   };
   switch (spec.mode) {
     case allocation_mode::bytes: return wrap(bytes_policy{spec.entries, spec.text});

@@ -5,9 +5,11 @@
 /// ```
 /// spec     = part (';' part)*
 /// part     = entry | override
-/// entry    = device ',' value                  bytes, ratio or fraction mode
+/// entry    = device ',' value [':' storage]    bytes, ratio or fraction mode
 /// override = regex '=' device                  pins matching units (llama.cpp -ot style)
-/// vvram    = device ';' gigabytes ';' device (',' device)*     virtual VRAM (compute;GB;donors)
+/// vvram    = device ';' gigabytes ';' donor (',' donor)*     virtual VRAM (compute;GB;donors)
+/// donor    = device [':' storage]
+/// storage  = fp8 | e4m3 | e5m2 | bf16 | fp16 (and the PyTorch names, see storage_dtype_names)
 /// auto     = 'auto'
 /// ```
 ///
@@ -15,6 +17,9 @@
 ///   `cpu,5gb*`); without a wildcard `cpu` takes the remainder.
 /// - ratio mode: every value ends in `%`; the values are parts of a ratio (`8%;8%;4%` = 40/40/20).
 /// - fraction mode: plain numbers in [0,1], each a fraction of that device's total memory.
+/// - a storage suffix (`cpu,*:fp8`, `cuda:1,4gb:bf16`, `cuda:0;4;cpu:e5m2`) stores that device's
+///   floating weights in a narrower dtype; `storage_of` lists them (the runtime casts them back
+///   after each fetch). A string without suffixes parses exactly as before.
 ///
 /// Parsing checks everything that needs no topology; `check_against` adds the checks that do.
 /// Every problem is an `allocation_error` naming the entry and its 1-based column.
@@ -33,6 +38,7 @@
 #include <regex>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "distorch/core/bytes.hpp"
@@ -41,6 +47,7 @@
 #include "distorch/core/log.hpp"
 #include "distorch/device/device_id.hpp"
 #include "distorch/device/topology.hpp"
+#include "distorch/model/dtype.hpp"
 
 namespace distorch::inline v0 {
 
@@ -82,6 +89,9 @@ struct allocation_entry {
   bool wildcard = false;       ///< bytes mode: `*` or `N*`
   bool has_size = false;       ///< bytes mode: a size was written (false for a bare `*`)
   std::uint64_t value_e9 = 0;  ///< ratio and fraction modes: value × 1e9
+  /// The `:dtype` suffix: the narrower dtype this device stores floating weights in, if written.
+  std::optional<dtype> storage;
+  std::size_t storage_column = 0;  ///< 1-based column of the suffix's name; 0 when none
   friend bool operator==(const allocation_entry&, const allocation_entry&) = default;
 };
 
@@ -115,6 +125,16 @@ struct allocation_spec {
   friend bool operator==(const allocation_spec&, const allocation_spec&) = default;
 };
 
+/// The names a storage suffix accepts (case-insensitive) and the dtypes they mean.
+/// \code
+///   for (const auto& [name, type] : distorch::storage_dtype_names) std::cout << name << ' ' << distorch::dtype_name(type) << '\n';
+/// \endcode
+inline constexpr std::pair<std::string_view, dtype> storage_dtype_names[] = {
+    {"fp8", dtype::f8_e4m3},  {"e4m3", dtype::f8_e4m3},     {"float8_e4m3fn", dtype::f8_e4m3}, {"e5m2", dtype::f8_e5m2},
+    {"float8_e5m2", dtype::f8_e5m2}, {"bf16", dtype::bf16}, {"bfloat16", dtype::bf16},        {"fp16", dtype::f16},
+    {"f16", dtype::f16},      {"float16", dtype::f16},      {"half", dtype::f16},
+};
+
 namespace detail {
 
 inline constexpr std::string_view allocation_forms =
@@ -129,6 +149,9 @@ inline constexpr std::string_view allocation_forms =
 }
 
 inline constexpr std::string_view parsing_doing = "parsing allocation string";
+
+inline constexpr std::string_view storage_names_text =
+    "fp8 (= e4m3, float8_e4m3fn), e5m2 (= float8_e5m2), bf16 (= bfloat16), fp16 (= f16, float16, half)";
 
 /// A piece of the input with its 0-based offset, spaces trimmed.
 struct piece {
@@ -225,6 +248,48 @@ inline void check_override_pattern(const piece& pattern, std::string_view entry,
     allocation_fail(doing, entry, pattern.offset + p->index + 1, "override " + p->problem, p->fix);
 }
 
+/// Parses a storage suffix (the text after ':'); `colon` is the 0-based offset of the ':'.
+inline dtype parse_storage_suffix(const piece& suffix, std::size_t colon, std::string_view entry) {
+  if (suffix.text.empty())
+    allocation_fail(parsing_doing, entry, colon + 2, "missing storage dtype after ':'",
+                    "write one of " + std::string(storage_names_text) + ", e.g. cpu,*:fp8, or drop the ':'");
+  if (const auto second = suffix.text.find(':'); second != std::string_view::npos)
+    allocation_fail(parsing_doing, entry, suffix.offset + second + 1, "more than one storage suffix ('" + std::string(suffix.text) + "')",
+                    "give each device one storage dtype, e.g. cpu,*:fp8");
+  for (const auto& [name, type] : storage_dtype_names)
+    if (iequals(suffix.text, name)) return type;
+  allocation_fail(parsing_doing, entry, suffix.offset + 1, "unknown storage dtype '" + std::string(suffix.text) + "'",
+                  "write one of " + std::string(storage_names_text));
+}
+
+inline bool is_storage_name(std::string_view text) noexcept {
+  for (const auto& [name, type] : storage_dtype_names)
+    if (iequals(text, name)) return true;
+  return false;
+}
+
+/// A device name with an optional storage suffix (`cpu:fp8`, `cuda:1:bf16`).
+struct device_and_storage {
+  piece device;
+  std::optional<piece> suffix;
+  std::size_t colon = 0;  ///< 0-based offset of the suffix's ':'
+};
+
+/// Splits off the text after the last ':' as a storage suffix when it is a storage name, or, with
+/// `any_word`, when it is any word after a valid device (`cpu:nf4`: a device index is digits).
+/// Otherwise the whole text is the device, so a bad device keeps its own error.
+inline device_and_storage split_device_storage(const piece& text, bool any_word) {
+  const auto colon = text.text.rfind(':');
+  if (colon == std::string_view::npos || colon + 1 >= text.text.size()) return {text, std::nullopt, 0};
+  const auto device = trim_piece(text.text.substr(0, colon), text.offset);
+  const auto suffix = trim_piece(text.text.substr(colon + 1), text.offset + colon + 1);
+  const char next = text.text[colon + 1];
+  const bool word = (next >= 'a' && next <= 'z') || (next >= 'A' && next <= 'Z');
+  const bool known = is_storage_name(suffix.text);
+  if (!known && !(any_word && word && device_id::try_parse(device.text).ok())) return {text, std::nullopt, 0};
+  return {device, suffix, text.offset + colon};
+}
+
 inline device_id parse_entry_device(const piece& name, std::string_view entry) {
   if (name.text.empty())
     allocation_fail(parsing_doing, entry, name.offset + 1, "missing device name", "write e.g. cuda:0 or cpu before the ','");
@@ -318,6 +383,10 @@ inline allocation_spec parse_allocation(std::string_view text) {
     check_override_pattern(pattern, p.text, p.offset + 1);
     if (device.text.empty())
       allocation_fail("parsing allocation override", p.text, device.offset + 1, "missing device after '='", "write regex=device, e.g. blocks\\.0\\..*=cuda:1");
+    if (const auto split = split_device_storage(device, false); split.suffix)
+      allocation_fail("parsing allocation override", p.text, split.suffix->offset + 1,
+                      "an override takes no storage suffix ('" + std::string(split.suffix->text) + "')",
+                      "put the suffix on the device's entry, e.g. " + std::string(split.device.text) + ",*:" + std::string(split.suffix->text));
     auto id = device_id::try_parse(device.text);
     if (!id.ok()) allocation_fail("parsing allocation override", p.text, device.offset + id.index + 1, id.problem, id.fix);
     spec.overrides.push_back({std::string(pattern.text), *id.id, std::string(p.text), p.offset + 1});
@@ -342,6 +411,11 @@ inline allocation_spec parse_allocation(std::string_view text) {
                       std::string(allocation_forms));
     spec.mode = allocation_mode::virtual_vram;
     constexpr std::string_view doing = "parsing virtual VRAM allocation";
+    if (const auto split = split_device_storage(parts[0], false); split.suffix)
+      allocation_fail(doing, parts[0].text, split.suffix->offset + 1,
+                      "the compute device takes no storage suffix ('" + std::string(split.suffix->text) + "')",
+                      "units on the compute device keep the module's dtype; put the suffix on a donor, e.g. " +
+                          std::string(split.device.text) + ";4;cpu:" + std::string(split.suffix->text));
     spec.vvram_compute = parse_entry_device(parts[0], parts[0].text);
     spec.vvram_compute_column = parts[0].offset + 1;
     const auto& amount = parts[1];
@@ -367,7 +441,16 @@ inline allocation_spec parse_allocation(std::string_view text) {
       if (donor.text.empty())
         allocation_fail(doing, parts[2].text, donor.offset + 1, "empty donor", "list donors separated by ',', e.g. cuda:1,cpu");
       allocation_entry e;
-      e.device = parse_entry_device(donor, donor.text);
+      const auto split = split_device_storage(donor, true);
+      if (split.suffix)
+        if (const auto inner = split_device_storage(split.device, true); inner.suffix)
+          allocation_fail(doing, donor.text, inner.suffix->offset + 1, "more than one storage suffix ('" + std::string(donor.text) + "')",
+                          "give each donor one storage dtype, e.g. cpu:fp8");
+      e.device = parse_entry_device(split.device, donor.text);
+      if (split.suffix) {
+        e.storage = parse_storage_suffix(*split.suffix, split.colon, donor.text);
+        e.storage_column = split.suffix->offset + 1;
+      }
       e.text = std::string(donor.text);
       e.column = e.value_column = donor.offset + 1;
       if (e.device == spec.vvram_compute)
@@ -392,13 +475,28 @@ inline allocation_spec parse_allocation(std::string_view text) {
     e.text = std::string(p.text);
     e.column = p.offset + 1;
     const auto name = trim_piece(p.text.substr(0, comma), p.offset);
-    const auto value = trim_piece(p.text.substr(comma + 1), p.offset + comma + 1);
+    auto value = trim_piece(p.text.substr(comma + 1), p.offset + comma + 1);
     e.value_column = value.offset + 1;
+    if (const auto split = split_device_storage(name, false); split.suffix)
+      allocation_fail(parsing_doing, p.text, split.suffix->offset + 1,
+                      "the storage suffix ':" + std::string(split.suffix->text) + "' must follow the value",
+                      "write device,value:dtype, e.g. " + std::string(split.device.text) + ",*:" + std::string(split.suffix->text));
     e.device = parse_entry_device(name, p.text);
     if (value.text.find(',') != std::string_view::npos)
       allocation_fail(parsing_doing, p.text, value.offset + value.text.find(',') + 1, "more than one ',' in an entry",
                       "separate entries with ';', e.g. cuda:0,2gb;cpu,*");
+    std::optional<piece> suffix;  // value ':' storage
+    std::size_t colon = 0;
+    if (const auto at = value.text.find(':'); at != std::string_view::npos) {
+      suffix = trim_piece(value.text.substr(at + 1), value.offset + at + 1);
+      colon = value.offset + at;
+      value = trim_piece(value.text.substr(0, at), value.offset);
+    }
     const auto m = parse_entry_value(value, e, p.text);
+    if (suffix) {
+      e.storage = parse_storage_suffix(*suffix, colon, p.text);
+      e.storage_column = suffix->offset + 1;
+    }
     if (!mode) {
       mode = m;
     } else if (*mode != m) {
@@ -429,6 +527,28 @@ inline allocation_spec parse_allocation(std::string_view text) {
                       "give at least one device a positive part, e.g. cuda:0,25%;cpu,75%");
   }
   return spec;
+}
+
+/// A device's storage dtype from an allocation string's `:dtype` suffix (`cpu,*:fp8`).
+/// \code distorch::device_storage s{distorch::device_id::cpu(), distorch::dtype::f8_e4m3}; \endcode
+struct device_storage {
+  device_id device;
+  dtype type = dtype::f32;
+  friend bool operator==(const device_storage&, const device_storage&) = default;
+};
+
+/// The storage suffixes of a parsed allocation, one per device that has one, in written order.
+/// The runtime takes them as `distribute_spec::storage.homes` (DistributedModule merges them in
+/// by itself when its policy was made from the string).
+/// \code
+///   auto homes = distorch::storage_of(distorch::parse_allocation("cuda:0,2gb;cuda:1,4gb:bf16;cpu,*:fp8"));
+///   // {{cuda:1, bf16}, {cpu, f8_e4m3}}
+/// \endcode
+inline std::vector<device_storage> storage_of(const allocation_spec& spec) {
+  std::vector<device_storage> out;
+  for (const auto& e : spec.entries)
+    if (e.storage) out.push_back({e.device, *e.storage});
+  return out;
 }
 
 /// Checks a parsed spec against a topology: every device named (entries, virtual-VRAM compute

@@ -24,6 +24,13 @@
 /// link. Units homed on the compute device, and tensors an adapter patches, are dequantized when
 /// they load (a patched weight cannot be re-quantized exactly).
 ///
+/// Storage dtypes (`distribute_spec::storage`, or the allocation string's `:dtype` suffixes): the
+/// floating tensors of a unit homed on such a device are cast down on the compute device, after
+/// step 3 (a patched weight is merged in float32 and rounded once, to the storage dtype), kept at
+/// home in that dtype, and cast back to the module's dtype on the compute device after each fetch
+/// (runtime/storage_dtype.hpp). The plan books the stored bytes at home; the compute device holds
+/// the module's dtype while the unit runs. Between uses a parameter handle holds the stored tensor.
+///
 /// Forward:
 /// - `torch::nn::Sequential`: each child runs with its units staged, and the manager prefetches.
 /// - any other module: units inside `distorch::nn::Streamed` layers stage themselves; streamed
@@ -83,6 +90,7 @@
 #include "distorch/runtime/host_staging.hpp"
 #include "distorch/runtime/module_units.hpp"
 #include "distorch/runtime/residency.hpp"
+#include "distorch/runtime/storage_dtype.hpp"
 #include "distorch/runtime/streamed.hpp"
 #include "distorch/runtime/streaming_stats.hpp"
 #include "distorch/runtime/unit_allocator.hpp"
@@ -96,6 +104,7 @@ namespace distorch::inline v0 {
 ///   spec.weights = {distorch::open_weights("model.gguf")};
 ///   spec.adapters = {{std::make_shared<distorch::adapter>(distorch::load_adapter("detail.safetensors")), 0.7}};
 ///   spec.keep_quantized = true;
+///   spec.storage.homes = {{distorch::device_id::cpu(), distorch::dtype::f8_e4m3}};   // or "...;cpu,*:fp8"
 ///   spec.progress = [](const distorch::progress_report& p) { std::fprintf(stderr, "%llu/%llu\r", p.done, p.total); };
 /// \endcode
 struct distribute_spec {
@@ -121,6 +130,11 @@ struct distribute_spec {
   /// GGUF sources: block-quantized tensors of units homed off the compute device stay quantized at
   /// home and are dequantized on the compute device after each fetch (see the file comment).
   bool keep_quantized = false;
+  /// Homes that store floating tensors in a narrower dtype (float8, bfloat16, float16), cast back
+  /// to the module's dtype after each fetch, and how they are rounded (runtime/storage_dtype.hpp).
+  /// An allocation string's `:dtype` suffixes (`cpu,*:fp8`) are added to `storage.homes` by the
+  /// constructor taking the policy; a device named both ways must agree.
+  storage_options storage;
   /// Called after each unit is loaded (task "loading", counted in "units"), and after each unit
   /// is re-merged by `set_strengths` / `set_adapters` (task "merging").
   progress_callback progress;
@@ -160,6 +174,7 @@ class DistributedModule {
   DistributedModule(Module module, device_pool pool, Policy policy, distribute_spec spec, Allocator allocator = {})
       : module_(std::move(module)), pool_(std::move(pool)), policy_(std::move(policy)), spec_(std::move(spec)),
         allocator_(std::move(allocator)) {
+    take_storage_of(policy_);
     bind();
     plan_ = with_home_bytes(make_plan_for(policy_, pool_.topo()));
     load();
@@ -254,9 +269,13 @@ class DistributedModule {
   /// Moves units to the plan `policy` makes now, without reloading. Transactional: on failure no
   /// unit has moved and nothing stays booked. A quantized unit that moves to the compute device is
   /// dequantized there; a unit that leaves it stays dequantized (re-quantizing needs the file).
+  /// Likewise a unit stored narrower is cast back when it moves to the compute device, and a unit
+  /// leaving the compute device keeps the module's dtype. Storage dtypes are chosen at load: a
+  /// policy whose `:dtype` suffixes differ from those in force is a `placement_error`.
   /// \code dm.replan(distorch::policy_from_string("sim:0,8mb;cpu,*")); \endcode
   template <placement_policy P>
   void replan(const P& policy) {
+    check_replan_storage(policy);
     rehome(with_home_bytes(make_plan_for(policy, topology_without_self())));
   }
 
@@ -404,8 +423,81 @@ class DistributedModule {
     }
     for (std::size_t i = 0; i < bound_.names.size(); ++i)
       for (const auto& n : bound_.names[i]) unit_of_tensor_.emplace(n, i);
+    // The module's dtypes, recorded before any handle points at a narrower stored copy.
+    compute_types_.clear();
+    for (const auto& hs : bound_.handles) {
+      std::vector<at::ScalarType> types;
+      for (const auto& h : hs) types.push_back(h.scalar_type());
+      compute_types_.push_back(std::move(types));
+    }
+    check_storage();
     if (!spec_.weights.empty()) check_sources();
     binding_ = bind_adapters(spec_.adapters);
+  }
+
+  // The allocation string's storage suffixes join spec.storage; a device named both ways must agree.
+  template <class P>
+  void take_storage_of(const P& policy) {
+    if constexpr (requires { policy.storage(); }) {
+      for (const device_storage& s : policy.storage()) {
+        if (const auto given = spec_.storage.of(s.device)) {
+          if (*given != s.type)
+            throw placement_error({"choosing storage dtypes", s.device.str(), std::nullopt,
+                                   "the allocation string stores " + std::string(dtype_name(s.type)) + " on " + s.device.str() +
+                                       ", spec.storage " + std::string(dtype_name(*given)),
+                                   "name the device's storage dtype in one place"});
+          continue;
+        }
+        spec_.storage.homes.push_back(s);
+      }
+    }
+  }
+
+  template <class P>
+  void check_replan_storage(const P& policy) const {
+    if constexpr (requires { policy.storage(); }) {
+      for (const device_storage& s : policy.storage()) {
+        const auto current = spec_.storage.of(s.device);
+        if (current == s.type) continue;
+        throw placement_error({"replanning", s.device.str(), std::nullopt,
+                               "the policy stores " + std::string(dtype_name(s.type)) + " on " + s.device.str() + ", the model was loaded with " +
+                                   (current ? std::string(dtype_name(*current)) : std::string("the module's dtypes")) + " there",
+                               "storage dtypes are chosen at load: drop the suffix, or construct a new DistributedModule"});
+      }
+    }
+  }
+
+  // Every storage home must be a pool device other than the compute device, named once, with a
+  // storage dtype this LibTorch has.
+  void check_storage() const {
+    const auto& homes = spec_.storage.homes;
+    for (std::size_t k = 0; k < homes.size(); ++k) {
+      const auto& h = homes[k];
+      const std::string doing = "choosing the storage dtype of " + h.device.str();
+      if (h.device == spec_.compute)
+        throw placement_error({doing, h.device.str(), std::nullopt,
+                               "the compute device stores no narrower dtype: units homed there run from their resident copy in the module's dtype",
+                               "give the storage dtype to a donor (e.g. cpu,*:fp8), or cast the model itself"});
+      if (!pool_.contains(h.device))
+        throw placement_error({doing, h.device.str(), std::nullopt, "the device is not in the device pool (" + pool_.names() + ")",
+                               "name a pool device"});
+      for (std::size_t j = 0; j < k; ++j)
+        if (homes[j].device == h.device && homes[j].type != h.type)
+          throw placement_error({doing, h.device.str(), std::nullopt,
+                                 "named twice, as " + std::string(dtype_name(homes[j].type)) + " and " + std::string(dtype_name(h.type)),
+                                 "give each device one storage dtype"});
+      (void)storage_scalar_type(h.type);  // float8 on LibTorch < 2.1, or no storage dtype at all
+    }
+  }
+
+  // The dtype tensor t of unit i is stored in at `home`, when it is stored narrower there.
+  std::optional<at::ScalarType> storage_type(std::size_t i, std::size_t t, const device_id& home) const {
+    if (home == spec_.compute) return std::nullopt;
+    const auto stored = spec_.storage.of(home);
+    if (!stored) return std::nullopt;
+    const at::ScalarType type = storage_scalar_type(*stored);
+    if (!narrows_to(compute_types_[i][t], type)) return std::nullopt;
+    return type;
   }
 
   // Adapters are matched against the names and shapes the module holds, before any tensor moves.
@@ -484,10 +576,10 @@ class DistributedModule {
   // device's resident bytes and window are exact. A unit that stays quantized at a donor home
   // takes only its quantized bytes there: the plan records that size for it and its device.
   placement_plan with_home_bytes(placement_plan plan) const {
-    if (!spec_.keep_quantized || spec_.weights.empty()) return plan;
+    if ((!spec_.keep_quantized || spec_.weights.empty()) && spec_.storage.homes.empty()) return plan;
     for (std::size_t i = 0; i < plan.units.size(); ++i) {
       auto& u = plan.units[i];
-      const std::uint64_t bytes = u.device == spec_.compute ? bound_.units.units()[i].bytes : home_bytes_of(i);
+      const std::uint64_t bytes = u.device == spec_.compute ? bound_.units.units()[i].bytes : home_bytes_of(i, u.device);
       if (bytes == u.bytes) continue;
       for (auto& d : plan.devices)
         if (d.device == u.device) d.placed_bytes = d.placed_bytes - u.bytes + bytes;
@@ -496,15 +588,16 @@ class DistributedModule {
     return plan;
   }
 
-  // Bytes unit i takes at a donor home under keep_quantized: quantized tensors at their stored
-  // size, the others (and the ones an adapter patches) at their full size.
-  std::uint64_t home_bytes_of(std::size_t i) const {
+  // Bytes unit i takes at a donor home: tensors kept quantized at their stored size, tensors stored
+  // narrower at the storage dtype's size, the others (and the ones an adapter patches, under
+  // keep_quantized) at their full size.
+  std::uint64_t home_bytes_of(std::size_t i, const device_id& home) const {
     std::uint64_t total = 0;
     for (std::size_t t = 0; t < bound_.handles[i].size(); ++t) {
-      const auto& h = bound_.handles[i][t];
-      const std::uint64_t full = static_cast<std::uint64_t>(h.numel()) * h.element_size();
+      const auto numel = static_cast<std::uint64_t>(bound_.handles[i][t].numel());
       if (const auto* info = quantized_info(i, t)) total += info->bytes;
-      else total += full;
+      else if (const auto stored = storage_type(i, t, home)) total += numel * c10::elementSize(*stored);
+      else total += numel * c10::elementSize(compute_types_[i][t]);
     }
     return total;
   }
@@ -585,28 +678,43 @@ class DistributedModule {
     loaded_unit out;
     for (std::size_t t = 0; t < bound_.handles[i].size(); ++t) {
       const auto& tensor_name = bound_.names[i][t];
-      const auto& handle = bound_.handles[i][t];
       if (home != spec_.compute && !spec_.weights.empty())
         if (const auto* info = quantized_info(i, t)) {
           place_quantized(i, t, *info, target, out);
           continue;
         }
       at::Tensor source = unpatched_source(i, t, originals);
-      if (source.scalar_type() != handle.scalar_type())
+      const at::ScalarType module_type = compute_types_[i][t];  // the handle may hold a stored copy by now
+      if (source.scalar_type() != module_type)
         throw format_error({"loading unit '" + name + "'", tensor_name, std::nullopt,
                             "stored as " + std::string(c10::toString(source.scalar_type())) + ", the module holds " +
-                                std::string(c10::toString(handle.scalar_type())),
+                                std::string(c10::toString(module_type)),
                             "load weights stored in the model's dtypes"});
       held_tensor staged = allocator_.copy_to(source, pool_, compute, {false, false, "staging unit '" + name + "'"});
       const auto steps = steps_for(b, adapters, tensor_name);
-      if (!steps.empty()) merge_into(staged.data, steps, compute.torch_device);  // float32, one rounding, in place
-      out.home_bytes += static_cast<std::uint64_t>(staged.data.numel()) * staged.data.element_size();
+      const auto stored = storage_type(i, t, home);
+      at::Tensor merged = staged.data;
+      if (!steps.empty()) {
+        // Going to a storage dtype, a half-precision weight is merged in a float32 copy (merge
+        // scratch) so that it is rounded once, to the storage dtype.
+        if (stored && module_type != at::kFloat && module_type != at::kDouble) merged = merged.to(at::kFloat);
+        merge_into(merged, steps, compute.torch_device);  // float32, one rounding, in place
+      }
+      // Cast down on the compute device, after the merge; the staging booking covers the result.
+      const at::Tensor at_home =
+          stored ? cast_for_storage(merged, *stored, spec_.storage.rounding, spec_.storage.seed, tensor_name) : merged;
+      out.home_bytes += static_cast<std::uint64_t>(at_home.numel()) * at_home.element_size();
       if (home == spec_.compute) {
         out.placed.push_back(std::move(staged));
       } else {
-        out.placed.push_back(allocator_.copy_to(staged.data, pool_, target, {pin_for(home), false, "placing unit '" + name + "'"}));
+        out.placed.push_back(allocator_.copy_to(at_home, pool_, target, {pin_for(home), false, "placing unit '" + name + "'"}));
       }  // the staging copy is dropped here
-      if (!out.after_fetch.empty()) out.after_fetch.emplace_back();
+      if (stored) {
+        out.after_fetch.resize(t);  // the tensors before this one need nothing (or have theirs)
+        out.after_fetch.emplace_back([module_type](const at::Tensor& fetched) { return fetched.to(module_type); });
+      } else if (!out.after_fetch.empty()) {
+        out.after_fetch.emplace_back();
+      }
     }
     return out;
   }
@@ -652,6 +760,7 @@ class DistributedModule {
     if (!loaded.after_fetch.empty()) {
       loaded.after_fetch.resize(u.handles.size());
       u.after_fetch = std::move(loaded.after_fetch);
+      u.compute_bytes = bound_.units.units()[i].bytes;  // what the compute device holds once it is staged
     }
     return u;
   }
@@ -747,18 +856,22 @@ class DistributedModule {
       if (units[i].home == spec_.compute && !units[i].after_fetch.empty()) {
         units[i].after_fetch.clear();
         units[i].bytes = bound_.units.units()[i].bytes;
+        units[i].compute_bytes = 0;
       }
       point_handles(units[i]);
     }
     plan_ = next;
-    for (std::size_t i = 0; i < units.size(); ++i) {  // the plan records what each home really holds
-      auto& p = plan_.units[i];
-      if (p.bytes == units[i].bytes) continue;
-      for (auto& d : plan_.devices)
-        if (d.device == p.device) d.placed_bytes = d.placed_bytes - p.bytes + units[i].bytes;
-      p.bytes = units[i].bytes;
-    }
+    for (std::size_t i = 0; i < units.size(); ++i) record_home_bytes(i, units[i]);
     install(std::move(units));
+  }
+
+  // The plan records what unit i's home really holds.
+  void record_home_bytes(std::size_t i, const residency_unit& u) {
+    auto& p = plan_.units[i];
+    if (p.bytes == u.bytes) return;
+    for (auto& d : plan_.devices)
+      if (d.device == p.device) d.placed_bytes = d.placed_bytes - p.bytes + u.bytes;
+    p.bytes = u.bytes;
   }
 
   void remerge(adapter_set adapters, distorch::adapter_binding binding, const std::vector<bool>& touched) {
@@ -790,6 +903,8 @@ class DistributedModule {
     }
     spec_.adapters = std::move(adapters);
     binding_ = std::move(binding);
+    // A unit re-merged where it rested in the module's dtype (moved there by a replan) is cast now.
+    for (const std::size_t i : last_remerged_) record_home_bytes(i, units[i]);
     install(std::move(units));
   }
 
@@ -815,6 +930,7 @@ class DistributedModule {
   std::vector<std::size_t> uncovered_;
   std::vector<nn::streamed_module*> streamed_;
   std::vector<std::vector<at::Tensor>> unpatched_;
+  std::vector<std::vector<at::ScalarType>> compute_types_;  // per unit, per tensor: the module's dtype
   std::vector<std::size_t> last_remerged_;
   placement_plan loaded_plan_;
   bool loaded_ = true;

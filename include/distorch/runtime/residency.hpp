@@ -22,10 +22,11 @@
 ///   left stays staged until another unit enters, more room is needed, or the pass ends. A block
 ///   unit driven by the several `distorch::nn` layers inside it is then fetched once per pass,
 ///   not once per layer. Outside a pass, `leave` releases at once.
-/// - A unit may carry `after_fetch` transforms (GGUF weights kept quantized at home): the fetched
-///   copy crosses the link as stored and is turned into what the module computes with on the
-///   compute device, on the compute stream, when the unit is staged. The books then hold the
-///   transformed tensor, not the copy.
+/// - A unit may carry `after_fetch` transforms (GGUF weights kept quantized at home, weights kept in
+///   a narrower storage dtype): the fetched copy crosses the link as stored and is turned into what
+///   the module computes with on the compute device, on the compute stream, when the unit is
+///   staged. The books then hold the transformed tensor, not the copy, and the prefetch window
+///   counts such a unit at `compute_bytes`, what it takes there once staged.
 /// - With `staging_ring_bytes`, CPU homes stay pageable and are copied through a bounded host
 ///   staging ring (`staging_ring.hpp`), page-locked where the backend supports it.
 /// - Copy time is the time the copies really took: on stream devices the time between timing
@@ -114,6 +115,9 @@ struct residency_unit {
   /// `after_fetch[h](fetched copy)` instead of the copy (e.g. GGUF units kept quantized at home and
   /// dequantized after the fetch, so fewer bytes cross the link).
   std::vector<std::function<at::Tensor(const at::Tensor&)>> after_fetch;  // empty, or one per handle (an empty function = none)
+  /// Bytes the unit takes on the compute device once staged, after its `after_fetch` transforms
+  /// (e.g. float32 of weights stored as float8); 0 = `bytes`. The prefetch window counts this.
+  std::uint64_t compute_bytes = 0;
 };
 
 /// What happened, for tracing and tests.
@@ -469,7 +473,7 @@ class residency_manager {
   void recompute_window() {
     std::uint64_t largest = 0;
     for (const auto& u : units_)
-      if (u.home != compute_) largest = std::max(largest, u.bytes);
+      if (u.home != compute_) largest = std::max({largest, u.bytes, u.compute_bytes});
     window_ = options_.window != 0 ? options_.window : (options_.prefetch_depth + 1) * largest;
   }
 
@@ -619,7 +623,8 @@ class residency_manager {
     if (!streams(i)) return true;
     auto& s = state_[i];
     if (!s.fetched.empty()) return true;
-    const std::uint64_t need = home_copy_bytes(units_[i]);
+    // A transformed unit grows to compute_bytes when it is staged: the window must hold that.
+    const std::uint64_t need = std::max(home_copy_bytes(units_[i]), units_[i].compute_bytes);
     if (fetched_bytes() + need > window_) {
       release_lingering(i);  // idle units kept for re-entry give way to what comes next
       if (fetched_bytes() + need > window_) return false;

@@ -1,7 +1,8 @@
 // Fuzzes the allocation grammar and everything a parsed string feeds: parsing must return a spec
-// or throw allocation_error; the spec's policy must give quotas or throw allocation_error; and
-// planning a small fixed model must give a plan that survives a JSON round trip, or throw
-// allocation_error / placement_error. Anything else (a crash, another exception) is a bug.
+// or throw allocation_error; its storage suffixes must be storage dtypes of devices it names; the
+// spec's policy must give quotas or throw allocation_error; and planning a small fixed model must
+// give a plan that survives a JSON round trip, or throw allocation_error / placement_error.
+// Anything else (a crash, another exception) is a bug.
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
@@ -39,6 +40,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     spec = distorch::parse_allocation(text);
   } catch (const distorch::allocation_error&) {
     return 0;
+  }
+  // Storage suffixes: one per suffixed entry, each a storage dtype, on a device the spec names.
+  for (const auto& s : distorch::storage_of(spec)) {
+    if (s.type != distorch::dtype::f8_e4m3 && s.type != distorch::dtype::f8_e5m2 && s.type != distorch::dtype::bf16 &&
+        s.type != distorch::dtype::f16)
+      __builtin_trap();
+    const auto* e = spec.find(s.device);
+    if (e == nullptr || e->storage != s.type || e->storage_column == 0 || e->storage_column > size + 1) __builtin_trap();
   }
   try {
     (void)distorch::check_against(spec, fuzz_topology(), size % 2 == 0);
