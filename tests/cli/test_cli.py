@@ -220,6 +220,18 @@ with tempfile.TemporaryDirectory() as tmp:
     one_line_error("inspect --json missing file", run("inspect", missing, "--json"), missing, "fix")
     one_line_error("inspect --values without --tensor", run("inspect", model, "--values"), "--tensor")
     one_line_error("lora inspect missing file", run("lora", "inspect", missing), missing, "fix")
+    # A model file is no adapter: it holds no adapter keys, and saying "groups: 0" would hide that.
+    one_line_error("lora inspect model file", run("lora", "inspect", model), model, "no adapter keys", "lora_error")
+    one_line_error("lora inspect --json model file", run("lora", "inspect", model, "--json"), model, "no adapter keys")
+    one_line_error("lora apply model file as adapter", run("lora", "apply", model, model, "--out", os.path.join(tmp, "y.safetensors")),
+                   model, "no adapter keys")
+    # A grouping rule that groups nothing is a mistake (here a missing '\.'), not a request for leaf units.
+    one_line_error("plan --group matching nothing", run("plan", "--alloc", "cuda:0,300kb;cpu,*", "--devices", "cuda:0=1GiB,cpu=16GiB",
+                                                        "--compute", "cuda:0", "--model", model, "--group", r"blocks\d+"),
+                   r"blocks\d+", "grouping rule", "matches no")
+    one_line_error("plan --units --group matching nothing", run("plan", "--alloc", "cuda:0,300mb;cpu,*", "--devices", "cuda:0=2GiB,cpu=16GiB",
+                                                                "--units", units, "--group", r"block\.\d+", "--json"),
+                   r"block\.\d+", "grouping rule", "matches no")
     one_line_error("validate --json invalid", run("validate", "--alloc", "cuda:0,2.5gb;cpu,abc", "--json"), "column", "fix")
 
     # ---- --json: one object, the whole of stdout ---------------------------------------------

@@ -209,6 +209,17 @@ TEST_CASE("a broken adapter_config.json beside the file is a lora_error, not a s
   CHECK_THROWS_AS(distorch::load_adapter(dir / "a.safetensors"), distorch::lora_error);
 }
 
+TEST_CASE("a file with no adapter keys (a model file) is a lora_error naming the file, not an empty adapter") {
+  distorch_test::temp_dir dir("lora");
+  const std::string model = dir / "model.safetensors";
+  distorch::save_safetensors(model, {{"blocks.0.attn.weight", randn({4, 4}, 41)}, {"head.weight", randn({2, 4}, 42)}});
+  CHECK_THROWS_WITH_AS(distorch::load_adapter(model), doctest::Contains((model + "': the file holds no adapter keys").c_str()),
+                       distorch::lora_error);
+  // Keys with an adapter suffix that form no group (a lone up factor) hold no adapter either.
+  distorch::save_safetensors(dir / "half.safetensors", {{"m.lora_up.weight", randn({4, 2}, 43)}});
+  CHECK_THROWS_AS(distorch::load_adapter(dir / "half.safetensors"), distorch::lora_error);
+}
+
 TEST_CASE("a missing adapter file is a format_error") {
   distorch_test::temp_dir dir("lora");
   CHECK_THROWS_AS(distorch::load_adapter(dir / "missing.safetensors"), distorch::format_error);

@@ -93,7 +93,37 @@ TEST_CASE("grouping rules go through the user-regex limits") {
     CHECK_THROWS_AS(inventory::from_records(records, rules), distorch::allocation_error);
   }
   // A pattern that backtracks exponentially in the default matcher still finishes.
+  // (It matches nothing, which is then reported like any rule that groups nothing.)
   const distorch::grouping_rule slow[] = {{"(a*)*b"}};
   std::vector<tensor_record> long_name{{std::string(40, 'a') + ".w", dtype::f32, {1}}};
-  CHECK(inventory::from_records(long_name, slow).size() == 1);
+  CHECK_THROWS_AS(inventory::from_records(long_name, slow), distorch::allocation_error);
+  long_name.push_back({std::string(40, 'a') + "b.w", dtype::f32, {1}});
+  CHECK(inventory::from_records(long_name, slow).size() == 2);
+}
+
+TEST_CASE("a grouping rule that matches no tensor is an allocation_error naming the rule, not leaf units") {
+  const auto records = sample_records();
+  // The classic slip: `blocks\d+` for `blocks\.\d+`. Leaf units would hide it.
+  const distorch::grouping_rule typo[] = {{R"(blocks\.\d+)"}, {R"(blocks\d+)"}};
+  try {
+    (void)inventory::from_records(records, typo);
+    FAIL("expected an allocation_error");
+  } catch (const distorch::allocation_error& e) {
+    CHECK(e.info().subject == R"(blocks\d+)");
+    REQUIRE(e.info().position.has_value());
+    CHECK(e.info().position->kind == "rule");
+    CHECK(e.info().position->value == 2);
+    const std::string what = e.what();
+    CHECK(what.find("grouping rule 'blocks\\d+'") != std::string::npos);
+    CHECK(what.find("matches no tensor") != std::string::npos);
+    CHECK(what.find("'embed'") != std::string::npos);   // the first module path, to compare with
+  }
+  // A rule that matches only part way into a component matches nothing either.
+  const distorch::grouping_rule partial[] = {{R"(block)"}};
+  CHECK_THROWS_AS(inventory::from_records(records, partial), distorch::allocation_error);
+  // A rule that matches, but only where an earlier rule already took the path, is not an error.
+  const distorch::grouping_rule shadowed[] = {{R"(blocks\.\d+)"}, {R"(blocks\.1)"}};
+  CHECK(inventory::from_records(records, shadowed).index_of("blocks.1") >= 0);
+  // Nothing to match: no names, nothing to report.
+  CHECK(inventory::from_records(std::vector<tensor_record>{}, typo).empty());
 }

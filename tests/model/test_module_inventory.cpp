@@ -1,6 +1,7 @@
 // Tests of model/module_inventory.hpp: units of live LibTorch modules. Expected sizes are computed
 // here from the shapes each module is built with, not read back from the module.
 #include "distorch/model/module_inventory.hpp"
+#include "distorch/runtime/module_units.hpp"
 
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/batchnorm.h>
@@ -177,6 +178,14 @@ TEST_CASE("module_inventory: grouping rules coarsen units into blocks") {
 TEST_CASE("module_inventory: an invalid grouping regex is an allocation_error") {
   TinyLm model(10, 4, 1, false);
   CHECK_THROWS_AS(distorch::inventory_of(*model, {distorch::grouping_rule{"blocks\\.(\\d+"}}), distorch::allocation_error);
+}
+
+TEST_CASE("module_inventory: a grouping rule that matches no module is an allocation_error naming it") {
+  TinyLm model(10, 4, 2, false);
+  CHECK_THROWS_WITH_AS(distorch::inventory_of(*model, {distorch::grouping_rule{R"(blocks\d+)"}}),
+                       doctest::Contains("grouping rule 'blocks\\d+'"), distorch::allocation_error);
+  CHECK_THROWS_AS(distorch::bind_units(*model, std::vector<distorch::grouping_rule>{{R"(layers\.\d+)"}}),
+                  distorch::allocation_error);
 }
 
 TEST_CASE("module_inventory: dtypes other than float32 are sized by their element size") {

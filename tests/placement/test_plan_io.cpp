@@ -189,6 +189,11 @@ TEST_CASE("units lists build inventories, optionally grouped") {
   CHECK(grouped[1].bytes == 12288);
   CHECK(grouped[2].name == "blocks.1");
   CHECK(distorch::inventory_from_units_json(json::array()).empty());
+  // A rule that matches no unit name is a mistake, reported with the rule, not a plan of leaf units.
+  const std::vector<distorch::grouping_rule> typo{{R"(blocks\d+)"}};
+  CHECK_THROWS_WITH_AS(distorch::inventory_from_units_json(json::parse(R"([{"name": "blocks.0.attn", "bytes": 1}])"), typo),
+                       doctest::Contains("grouping rule 'blocks\\d+' at rule 1: it matches no unit name"),
+                       distorch::allocation_error);
 }
 
 TEST_CASE("malformed units lists name the field") {

@@ -20,7 +20,8 @@
 namespace distorch::inline v0 {
 
 /// Builds the inventory of any file `open_weights` can open. Throws `format_error` for a
-/// malformed file and `allocation_error` for an invalid grouping regex.
+/// malformed file and `allocation_error` naming the rule for a grouping rule that is an invalid
+/// regex or matches no tensor of the file.
 /// \code
 ///   auto inv = distorch::inventory_of_file("ckpt/model.safetensors.index.json");
 /// \endcode

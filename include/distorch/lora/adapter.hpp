@@ -118,11 +118,16 @@ class adapter {
   }
 
   /// Loads every tensor of an open weight file as an adapter. `peft`: see `from_tensors`.
+  ///
+  /// Throws `lora_error` naming the file, before reading any tensor data, when no key of the file
+  /// forms an adapter group: a model's own weights given as an adapter would otherwise load as
+  /// an adapter that patches nothing.
   /// \code
   ///   auto src = distorch::open_weights("style.safetensors");
   ///   auto a = distorch::adapter::from_source(*src);
   /// \endcode
   static adapter from_source(const weight_source& source, std::optional<peft_config> peft = std::nullopt) {
+    require_adapter_keys(source);
     std::map<std::string, at::Tensor> tensors;
     for (const auto& r : source.records()) tensors.emplace(r.name, source.load(r.name));
     return from_tensors(source.path(), std::move(tensors), std::move(peft));
@@ -166,6 +171,19 @@ class adapter {
   const at::Tensor& tensor(const adapter_group& g, component c) const { return tensor(g.keys.name(c)); }
 
  private:
+  static void require_adapter_keys(const weight_source& source) {
+    std::vector<std::string> names;
+    names.reserve(source.records().size());
+    for (const auto& r : source.records()) names.push_back(r.name);
+    if (!group_adapter_keys(names).groups.empty()) return;
+    const std::string held = names.empty() ? "it has no tensors"
+                                           : "none of its " + std::to_string(names.size()) + " tensors ('" + names.front() +
+                                                 "', ...) is named like a LoRA, LoHa, LoKr or diff patch";
+    throw lora_error({"loading adapter", source.path(), std::nullopt, "the file holds no adapter keys: " + held,
+                      "pass an adapter file, whose keys end in '.lora_up.weight', '.lora_A.weight', '.hada_w1_a', "
+                      "'.lokr_w1', '.diff'...; a model's own weights are not an adapter"});
+  }
+
   void validate_values() const {
     for (const auto& [key, t] : tensors_) {
       if (!t.defined()) detail::adapter_fail(name_, key, "tensor is undefined", "pass a real tensor");

@@ -27,7 +27,8 @@ struct adapter_load_options {
 };
 
 /// Loads an adapter file. Throws `format_error` for an unreadable or malformed file and
-/// `lora_error` for bad adapter contents or a broken adapter_config.json.
+/// `lora_error` for bad adapter contents, a file with no adapter keys (a model file, say) or a
+/// broken adapter_config.json.
 /// \code auto a = distorch::load_adapter("adapter_model.safetensors"); \endcode
 inline adapter load_adapter(const std::string& path, const adapter_load_options& options = {}) {
   std::optional<peft_config> peft = options.peft;

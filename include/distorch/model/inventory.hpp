@@ -50,7 +50,7 @@ struct tensor_record {
 
 /// A grouping rule: a regular expression matched against the start of a unit's module path. When
 /// it matches a whole prefix of components (`blocks.3` in `blocks.3.attn.qkv`), that prefix
-/// becomes the unit.
+/// becomes the unit. A rule that matches no module path of the model is an `allocation_error`.
 struct grouping_rule {
   std::string pattern;
 };
@@ -71,29 +71,73 @@ inline std::string_view module_path_of(std::string_view tensor_name) noexcept {
   return dot == std::string_view::npos ? std::string_view{} : tensor_name.substr(0, dot);
 }
 
-struct compiled_grouping {
-  std::string source;
-  std::regex re;
-};
+/// Grouping rules, compiled, with a record of which rules grouped anything. A rule that matches no
+/// module path is a mistake (a missing `\.`, a model that names its blocks otherwise), never a
+/// request for leaf units, so `check_every_rule_matched` makes it an error naming the rule.
+class grouper {
+ public:
+  /// Throws `allocation_error` naming the pattern for an invalid regex.
+  explicit grouper(std::span<const grouping_rule> rules) : matched_(rules.size(), false), unmatched_(rules.size()) {
+    rules_.reserve(rules.size());
+    for (const auto& r : rules) rules_.push_back({r.pattern, compile_user_regex(r.pattern, "compiling grouping rule")});
+  }
 
-inline std::vector<compiled_grouping> compile_grouping(std::span<const grouping_rule> rules) {
-  std::vector<compiled_grouping> out;
-  out.reserve(rules.size());
-  for (const auto& r : rules) out.push_back({r.pattern, compile_user_regex(r.pattern, "compiling grouping rule")});
-  return out;
-}
+  /// The unit a module path belongs to: the prefix the first matching rule takes, else the path.
+  /// While some rule has matched nothing yet, the rules after the winner are tried too, so that a
+  /// rule shadowed by an earlier one does not count as matching nothing.
+  std::string_view unit_of(std::string_view path) {
+    if (example_.empty() && !path.empty()) example_ = std::string(path);
+    ++paths_;
+    std::string_view unit = path;
+    bool found = false;
+    for (std::size_t i = 0; i < rules_.size(); ++i) {
+      if (found && unmatched_ == 0) break;
+      if (found && matched_[i]) continue;
+      const std::size_t length = match_length(rules_[i].re, path);
+      if (length == 0) continue;
+      if (!matched_[i]) matched_[i] = true, --unmatched_;
+      if (!found) found = true, unit = path.substr(0, length);
+    }
+    return unit;
+  }
 
-/// The unit a module path belongs to under the grouping rules.
-inline std::string_view group_of(std::string_view path, const std::vector<compiled_grouping>& rules) {
-  for (const auto& rule : rules) {
-    std::match_results<std::string_view::const_iterator> m;
-    if (std::regex_search(path.begin(), path.end(), m, rule.re, std::regex_constants::match_continuous)) {
-      const auto length = static_cast<std::size_t>(m.length(0));
-      if (length > 0 && (length == path.size() || path[length] == '.')) return path.substr(0, length);
+  /// Throws `allocation_error` naming the first rule that matched none of the paths seen; `what`
+  /// says what they are: "tensor" (module paths of tensors) or "unit name". Nothing is checked
+  /// when no path was seen.
+  void check_every_rule_matched(std::string_view what) const {
+    if (unmatched_ == 0 || paths_ == 0) return;
+    for (std::size_t i = 0; i < rules_.size(); ++i) {
+      if (matched_[i]) continue;
+      const std::string seen = example_.empty() ? std::string() : " (the first is '" + example_ + "')";
+      const std::string paths = what == "tensor" ? "module path" : std::string(what);
+      throw allocation_error({"applying grouping rule", rules_[i].source, error_position{"rule", i + 1},
+                              "it matches no " + std::string(what) + ": no " + paths + " begins with a match that " +
+                                  "ends at a '.' or at its end" + seen,
+                              "write a regex for the start of the module paths, e.g. 'blocks\\.\\d+' for "
+                              "'blocks.0.attn', or drop the rule"});
     }
   }
-  return path;
-}
+
+ private:
+  struct compiled_rule {
+    std::string source;
+    std::regex re;
+  };
+
+  /// Length of the prefix `re` takes from `path` when it ends at a component boundary, else 0.
+  static std::size_t match_length(const std::regex& re, std::string_view path) {
+    std::match_results<std::string_view::const_iterator> m;
+    if (!std::regex_search(path.begin(), path.end(), m, re, std::regex_constants::match_continuous)) return 0;
+    const auto length = static_cast<std::size_t>(m.length(0));
+    return length > 0 && (length == path.size() || path[length] == '.') ? length : 0;
+  }
+
+  std::vector<compiled_rule> rules_;
+  std::vector<bool> matched_;
+  std::size_t unmatched_ = 0;
+  std::size_t paths_ = 0;
+  std::string example_;
+};
 
 /// Minimal union-find over unit indices, for merging units that share a storage.
 struct unit_union {
@@ -121,15 +165,15 @@ class inventory {
 
   /// Builds units from tensor records in model order. Units appear in the order of their first
   /// tensor; tensors sharing a `storage_key` pull their units into one (the earliest).
-  /// Throws `allocation_error` for an invalid grouping regex and `format_error` for a tensor
-  /// name that appears twice.
+  /// Throws `allocation_error` naming the rule for an invalid grouping regex and for a grouping
+  /// rule that matches no tensor, and `format_error` for a tensor name that appears twice.
   /// \code
   ///   auto inv = distorch::inventory::from_records(records);          // leaf-module units
   ///   const distorch::grouping_rule rules[] = {{R"(blocks\.\d+)"}};
   ///   auto blocks = distorch::inventory::from_records(records, rules);
   /// \endcode
   static inventory from_records(std::span<const tensor_record> records, std::span<const grouping_rule> grouping = {}) {
-    const auto rules = detail::compile_grouping(grouping);
+    detail::grouper rules(grouping);
     std::vector<unit> units;
     std::unordered_map<std::string, std::size_t> unit_index;
     std::unordered_map<std::string_view, bool> seen_names;
@@ -140,7 +184,7 @@ class inventory {
       if (!seen_names.emplace(record.name, true).second)
         throw format_error({"building inventory", record.name, std::nullopt, "tensor name appears twice",
                             "each tensor must have a unique name"});
-      const std::string key{detail::group_of(detail::module_path_of(record.name), rules)};
+      const std::string key{rules.unit_of(detail::module_path_of(record.name))};
       auto [it, inserted] = unit_index.try_emplace(key, units.size());
       if (inserted) units.push_back(unit{key, {}, 0});
       const std::size_t u = it->second;
@@ -150,6 +194,7 @@ class inventory {
         if (!fresh && owner->second != u) ties.emplace_back(owner->second, u);
       }
     }
+    rules.check_every_rule_matched("tensor");
     if (!ties.empty()) units = merge_tied(std::move(units), ties);
     for (auto& u : units) u.bytes = unit_bytes(u.tensors);
     return inventory(std::move(units));

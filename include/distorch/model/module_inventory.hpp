@@ -66,7 +66,8 @@ inline std::vector<tensor_record> module_records(const torch::nn::Module& module
 }
 
 /// The units of a live module: leaf modules with parameters or buffers, in registration order,
-/// tied storages counted once and kept in one unit, coarsened by `grouping` rules.
+/// tied storages counted once and kept in one unit, coarsened by `grouping` rules. Throws
+/// `allocation_error` naming the rule for a rule that is an invalid regex or matches no tensor.
 /// \code
 ///   auto per_block = distorch::inventory_of(*model, {distorch::grouping_rule{R"(blocks\.\d+)"}});
 /// \endcode

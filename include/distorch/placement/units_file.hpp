@@ -29,7 +29,8 @@
 namespace distorch::inline v0 {
 
 /// Builds an inventory from a units list. Throws `format_error` naming the field
-/// (`units[2].bytes`, ...) for anything that is not such a list, and for a name given twice.
+/// (`units[2].bytes`, ...) for anything that is not such a list, and for a name given twice;
+/// `allocation_error` naming the rule for a grouping rule that is invalid or matches no unit name.
 /// \code
 ///   auto model = distorch::inventory_from_units_json(json, {{R"(blocks\.\d+)"}});
 /// \endcode
@@ -40,7 +41,7 @@ inline inventory inventory_from_units_json(const nlohmann::json& j, std::span<co
     throw format_error({std::string(doing), std::move(field), std::nullopt, std::move(problem), std::string(form)});
   };
   if (!j.is_array()) fail("(root)", std::string("expected an array, found ") + j.type_name());
-  const auto rules = detail::compile_grouping(grouping);
+  detail::grouper rules(grouping);
   std::vector<unit> units;
   std::unordered_map<std::string, std::size_t> by_group;
   std::unordered_map<std::string, std::size_t> seen;
@@ -61,13 +62,14 @@ inline inventory inventory_from_units_json(const nlohmann::json& j, std::span<co
     if (auto [it, fresh] = seen.try_emplace(unit_name, i); !fresh)
       fail(path + ".name", "unit '" + unit_name + "' is listed twice (first at units[" + std::to_string(it->second) + "])");
     const std::uint64_t size = bytes->get<std::uint64_t>();
-    const std::string key{detail::group_of(unit_name, rules)};
+    const std::string key{rules.unit_of(unit_name)};
     auto [slot, inserted] = by_group.try_emplace(key, units.size());
     if (inserted) units.push_back(unit{key, {}, 0});
     if (total > std::numeric_limits<std::uint64_t>::max() - size) fail(path + ".bytes", "model size overflows 64 bits");
     total += size;
     units[slot->second].bytes += size;
   }
+  rules.check_every_rule_matched("unit name");
   return inventory(std::move(units));
 }
 
