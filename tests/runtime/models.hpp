@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "distorch/runtime/demo.hpp"
@@ -49,6 +50,16 @@ inline torch::nn::Sequential conv_net() {
 }
 
 inline distorch::demo::tiny_transformer transformer() { return distorch::demo::tiny_transformer(16, 32, 3); }
+
+/// A model made twice with the same seed: one to distribute, one as the reference.
+template <class Make>
+auto twin(Make make) {
+  deterministic();
+  auto a = make();
+  deterministic();
+  auto b = make();
+  return std::make_pair(a, b);
+}
 
 // Gives `to` copies of `from`'s parameters (same names), so two instances compute the same thing.
 inline void copy_weights(torch::nn::Module& from, torch::nn::Module& to) {

@@ -33,15 +33,7 @@ namespace {
 
 using distorch::device_id;
 
-// Models are made twice with the same seed: one to distribute, one as the reference.
-template <class Make>
-auto twin(Make make) {
-  test_models::deterministic();
-  auto a = make();
-  test_models::deterministic();
-  auto b = make();
-  return std::make_pair(a, b);
-}
+using test_models::twin;
 
 std::shared_ptr<const distorch::adapter> make_adapter(std::string name, std::map<std::string, at::Tensor> tensors) {
   return std::make_shared<const distorch::adapter>(distorch::adapter::from_tensors(std::move(name), std::move(tensors)));

@@ -54,14 +54,7 @@ storage_case narrowest() { return storage_cases().back(); }
 constexpr std::int64_t width = 64;
 constexpr int depth = 4;
 
-template <class Make>
-auto twin(Make make) {
-  test_models::deterministic();
-  auto a = make();
-  test_models::deterministic();
-  auto b = make();
-  return std::make_pair(a, b);
-}
+using test_models::twin;
 
 auto mlp() { return test_models::mlp_stack(width, depth); }
 
