@@ -97,6 +97,16 @@ inline bool bit_identical(const at::Tensor& a, const at::Tensor& b) {
   return std::memcmp(x.data_ptr(), y.data_ptr(), x.numel() * x.element_size()) == 0;
 }
 
+/// Bytes the copies of streamed units fetched ahead (for the next forward: the learned order is
+/// cyclic) hold on the compute device now.
+template <class Manager>
+std::uint64_t fetched_ahead(const Manager& manager) {
+  std::uint64_t total = 0;
+  for (std::size_t u = 0; u < manager.size(); ++u)
+    if (manager.streams(u) && !manager.resident(u)) total += manager.held_bytes(u);
+  return total;
+}
+
 /// sim:0 (compute) with `compute_capacity`, sim:1 (a donor "GPU") with `donor_capacity`, and cpu.
 inline distorch::device_pool sim_pool(std::uint64_t compute_capacity, std::uint64_t donor_capacity = 64ull << 20) {
   distorch::device_pool pool;

@@ -172,7 +172,7 @@ TEST_CASE("storage dtype: homes hold and the link carries the stored bytes; fetc
     // The window counts a unit at its float32 size once staged, so prefetching keeps up.
     CHECK(s.prefetch_hits == 3);
     CHECK(s.prefetch_misses == 0);
-    CHECK(pool.used(device_id::sim(0)) == unit_bytes);
+    CHECK(pool.used(device_id::sim(0)) == unit_bytes + test_models::fetched_ahead(dm.residency()));
     CHECK(pool.peak(device_id::sim(0)) <= pool.capacity(device_id::sim(0)));
 
     // Fetched and staged: float32 again, exactly w.to(dtype).to(float32).

@@ -34,8 +34,15 @@
 /// Forward:
 /// - `torch::nn::Sequential`: each child runs with its units staged, and the manager prefetches.
 /// - any other module: units inside `distorch::nn::Streamed` layers stage themselves; streamed
-///   units no such layer covers are staged around the whole call.
-/// - a custom loop: `for (auto& block : *blocks | distorch::views::streamed(dm))`.
+///   units no such layer covers (plain `torch::nn` layers) are staged around the whole call, which
+///   is allowed only when they fit the compute device together with its resident units, window and
+///   reserve (checked before loading: a `placement_error` naming the largest of them otherwise,
+///   with a warning once when they fit); `distribute_spec::uncovered` turns this off for models
+///   whose caller stages them.
+/// - a custom loop: `for (auto& block : *blocks | distorch::views::streamed(dm))`, with
+///   `auto s = dm.stage(*head);` for a module outside the loop.
+/// - Concurrent forwards (several threads or streams) are allowed; `replan`, `unload`, `reload`
+///   and the adapter setters are refused with a `placement_error` while one runs.
 ///
 /// Template parameters (each defaulted): `Module` is the holder (`torch::nn::Sequential`, a
 /// `TORCH_MODULE` holder, or `std::shared_ptr<Impl>`); `Policy` is a `placement_policy`
@@ -53,12 +60,15 @@
 /// \endcode
 
 #include <algorithm>
+#include <atomic>
 #include <concepts>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -75,6 +85,7 @@
 
 #include "distorch/core/bytes.hpp"
 #include "distorch/core/error.hpp"
+#include "distorch/core/log.hpp"
 #include "distorch/core/progress.hpp"
 #include "distorch/io/gguf_source.hpp"
 #include "distorch/io/weight_source.hpp"
@@ -96,6 +107,16 @@
 #include "distorch/runtime/unit_allocator.hpp"
 
 namespace distorch::inline v0 {
+
+/// Who stages streamed units that no `distorch::nn::Streamed` layer covers (their modules are
+/// plain `torch::nn` layers, or parameters registered on a custom module).
+/// \code spec.uncovered = distorch::uncovered_units::caller_stages;   // a views::streamed loop + dm.stage \endcode
+enum class uncovered_units : std::uint8_t {
+  /// `forward` stages them around the whole call; construction checks that they fit.
+  stage_around_forward,
+  /// The caller stages them (`views::streamed`, `dm.stage(module)`); `forward` does not.
+  caller_stages,
+};
 
 /// What to distribute and how, besides the module, the devices and the policy.
 /// \code
@@ -138,6 +159,8 @@ struct distribute_spec {
   /// Called after each unit is loaded (task "loading", counted in "units"), and after each unit
   /// is re-merged by `set_strengths` / `set_adapters` (task "merging").
   progress_callback progress;
+  /// Who stages streamed units no `distorch::nn` layer covers (see `uncovered_units`).
+  uncovered_units uncovered = uncovered_units::stage_around_forward;
 };
 
 /// Bytes per device as the pool books them.
@@ -177,6 +200,7 @@ class DistributedModule {
     take_storage_of(policy_);
     bind();
     plan_ = with_home_bytes(make_plan_for(policy_, pool_.topo()));
+    check_uncovered();
     load();
   }
 
@@ -186,6 +210,7 @@ class DistributedModule {
       : module_(std::move(module)), pool_(std::move(pool)), spec_(std::move(spec)), allocator_(std::move(allocator)) {
     bind();
     plan_ = with_home_bytes(aligned(std::move(plan)));
+    check_uncovered();
     load();
   }
 
@@ -200,7 +225,11 @@ class DistributedModule {
   /// \code at::Tensor y = dm.forward(x); \endcode
   template <class... Args>
   decltype(auto) forward(Args&&... args) {
-    if (!loaded_) reload();
+    if (!loaded_) {
+      std::unique_lock exclusive(gate_);
+      if (!loaded_) rehome_to_loaded_plan();
+    }
+    std::shared_lock running(gate_);  // replan, unload and the adapter setters wait for no forward: they refuse
     // One pass per call: a unit left inside it stays staged until the next one enters, so a block
     // driven by several streamed layers is fetched once per forward.
     auto pass = manager_->pass();
@@ -217,6 +246,15 @@ class DistributedModule {
       return module_->forward(std::forward<Args>(args)...);
     }
   }
+
+  /// Stages the units of one submodule (an embedding, a final norm, a head outside a
+  /// `views::streamed` loop) until the returned scope ends. On a simulated compute device, running
+  /// such a module without it is a `device_error` naming its unit (strict mode). Throws
+  /// `placement_error` for a module that is not part of this model.
+  /// \code
+  ///   { auto staged = dm.stage(*model->head); logits = model->head(h); }
+  /// \endcode
+  [[nodiscard]] unit_scope stage(const torch::nn::Module& submodule) { return unit_scope(manager_, units_of(submodule)); }
 
   /// The module; its parameters are the handles the runtime switches between devices.
   /// \code dm.module()->eval(); \endcode
@@ -275,13 +313,17 @@ class DistributedModule {
   /// \code dm.replan(distorch::policy_from_string("sim:0,8mb;cpu,*")); \endcode
   template <placement_policy P>
   void replan(const P& policy) {
+    const auto exclusive = refuse_while_running("replanning");
     check_replan_storage(policy);
     rehome(with_home_bytes(make_plan_for(policy, topology_without_self())));
   }
 
   /// Moves units to a given plan, without reloading.
   /// \code dm.replan(distorch::plan_from_json(text)); \endcode
-  void replan(const placement_plan& plan) { rehome(with_home_bytes(aligned(plan))); }
+  void replan(const placement_plan& plan) {
+    const auto exclusive = refuse_while_running("replanning");
+    rehome(with_home_bytes(aligned(plan)));
+  }
 
   /// Changes the strengths of adapters by name (`adapter::name()`: the file path for loaded
   /// adapters) and re-merges, from the unpatched weights, only the units those adapters touch.
@@ -289,6 +331,7 @@ class DistributedModule {
   /// (nothing changes then).
   /// \code dm.set_strengths({{"style.safetensors", 0.5}}); \endcode
   void set_strengths(const std::map<std::string, double>& strengths) {
+    const auto exclusive = refuse_while_running("changing adapter strengths");
     adapter_set next = spec_.adapters;
     std::vector<bool> touched(bound_.units.size(), false);
     for (const auto& [name, s] : strengths) {
@@ -311,6 +354,7 @@ class DistributedModule {
   /// units it touches. Throws `lora_error` for an index out of range.
   /// \code dm.set_strength(1, 0.25); \endcode
   void set_strength(std::size_t index, double strength, std::optional<double> strength_model = std::nullopt) {
+    const auto exclusive = refuse_while_running("changing an adapter strength");
     if (index >= spec_.adapters.size())
       throw lora_error({"changing adapter strength", std::to_string(index), std::nullopt,
                         "there are only " + std::to_string(spec_.adapters.size()) + " adapters",
@@ -329,6 +373,7 @@ class DistributedModule {
   /// new set is bound first: an adapter that does not fit throws `lora_error` and nothing changes.
   /// \code dm.set_adapters({{style, 1.0}, {detail, 0.5}}); \endcode
   void set_adapters(adapter_set adapters) {
+    const auto exclusive = refuse_while_running("replacing the adapters");
     distorch::adapter_binding next = bind_adapters(adapters);
     std::vector<bool> touched(bound_.units.size(), false);
     for (const auto* b : {&binding_, &next})
@@ -341,6 +386,7 @@ class DistributedModule {
   /// Needs `cpu` in the pool. Nothing happens when the model is already unloaded.
   /// \code registry.unload_all();   // calls dm.unload() for every model not kept \endcode
   void unload() {
+    const auto exclusive = refuse_while_running("unloading");
     if (!loaded_) return;
     placement_plan host = plan_;
     for (auto& u : host.units) u.device = device_id::cpu();
@@ -354,9 +400,8 @@ class DistributedModule {
   /// Moves every unit back to the plan it was loaded with (no file is read).
   /// \code dm.reload(); \endcode
   void reload() {
-    if (loaded_) return;
-    rehome(loaded_plan_);
-    loaded_ = true;
+    const auto exclusive = refuse_while_running("reloading");
+    rehome_to_loaded_plan();
   }
 
   /// \code if (!dm.loaded()) dm.reload(); \endcode
@@ -380,24 +425,6 @@ class DistributedModule {
   }
 
  private:
-  // Enters a list of units for one scope; leaves them (in reverse) at its end, also on exceptions.
-  class unit_scope {
-   public:
-    unit_scope(residency_manager& m, const std::vector<std::size_t>& units) : m_(m), units_(units) {
-      for (; entered_ < units_.size(); ++entered_) m_.enter(units_[entered_]);
-    }
-    ~unit_scope() {
-      while (entered_ > 0) m_.leave(units_[--entered_]);
-    }
-    unit_scope(const unit_scope&) = delete;
-    unit_scope& operator=(const unit_scope&) = delete;
-
-   private:
-    residency_manager& m_;
-    const std::vector<std::size_t>& units_;
-    std::size_t entered_ = 0;
-  };
-
   using after_fetch_fn = std::function<at::Tensor(const at::Tensor&)>;
 
   // One unit after Load-Patch-Distribute: its copies at home and how each becomes usable after a
@@ -409,6 +436,69 @@ class DistributedModule {
   };
 
   torch::nn::Module& root() { return detail::module_of(module_); }
+
+  void rehome_to_loaded_plan() {
+    if (loaded_) return;
+    rehome(loaded_plan_);
+    loaded_ = true;
+  }
+
+  // Moving units under a running forward would race with it: refused, never waited for.
+  std::unique_lock<std::shared_mutex> refuse_while_running(const char* doing) {
+    std::unique_lock<std::shared_mutex> exclusive(gate_, std::try_to_lock);
+    if (!exclusive.owns_lock())
+      throw placement_error({doing, "DistributedModule", std::nullopt, "a forward is running on another thread",
+                             "call it between forward calls, when no thread runs the model"});
+    return exclusive;
+  }
+
+  // Which streamed units are inside a distorch::nn layer, and which are not.
+  std::vector<bool> covered_units() {
+    std::vector<bool> covered(bound_.units.size(), false);
+    for (const auto& item : root().named_modules("", true))
+      if (dynamic_cast<nn::streamed_module*>(item.value().get()))
+        for (auto id : bound_.units_under(item.key())) covered[id] = true;
+    return covered;
+  }
+
+  // Streamed units no distorch::nn layer covers are staged around the whole forward call: allowed
+  // when they fit the compute device next to its resident units, window and reserve, with one
+  // warning; otherwise a placement_error before anything moves, naming the largest of them.
+  void check_uncovered() {
+    if constexpr (detail::is_sequential_v<Module>) return;  // each child is staged on its own
+    if (spec_.uncovered == uncovered_units::caller_stages) return;
+    const auto covered = covered_units();
+    std::vector<std::size_t> uncovered;
+    std::uint64_t bytes = 0;
+    for (std::size_t i = 0; i < covered.size(); ++i)
+      if (!covered[i] && plan_.units[i].device != spec_.compute) {
+        uncovered.push_back(i);
+        bytes += bound_.units.units()[i].bytes;
+      }
+    if (uncovered.empty()) return;
+    std::stable_sort(uncovered.begin(), uncovered.end(), [&](std::size_t a, std::size_t b) {
+      return bound_.units.units()[a].bytes > bound_.units.units()[b].bytes;
+    });
+    std::string largest;
+    for (std::size_t k = 0; k < uncovered.size() && k < 3; ++k)
+      largest += (k ? ", " : "") + bound_.units.units()[uncovered[k]].name + " (" + format_bytes(bound_.units.units()[uncovered[k]].bytes) + ")";
+    if (uncovered.size() > 3) largest += " and " + std::to_string(uncovered.size() - 3) + " more";
+    const device_allotment* c = plan_.allotment(spec_.compute);
+    const std::uint64_t resident = c ? c->placed_bytes : 0, window = c ? c->window : 0, reserve = c ? c->reserve : 0;
+    const std::uint64_t need = resident + bytes + window + reserve, capacity = pool_.capacity(spec_.compute);
+    const std::string what = std::to_string(uncovered.size()) + " streamed units are in plain torch::nn layers distorch cannot see (largest: " +
+                             largest + "), so forward would stage " + format_bytes(bytes) + " of them around the whole call";
+    const std::string ways = "make the model stream: `namespace nn = distorch::nn;` in the model file, a Sequential or ModuleList of "
+                             "blocks driven by views::streamed, or distorch::nn::Streamed<Impl> for a custom layer "
+                             "(docs/streaming.md, \"Make your model stream\"); or set spec.uncovered = caller_stages";
+    if (need > capacity)
+      throw placement_error({"distributing a module", spec_.compute.str(), std::nullopt,
+                             what + ": with " + format_bytes(resident) + " resident, the " + format_bytes(window) + " window and the " +
+                                 format_bytes(reserve) + " reserve that needs " + format_bytes(need) + " of " + format_bytes(capacity),
+                             ways});
+    log(log_level::warning, "distorch: " + what + " (" + format_bytes(need) + " of " + format_bytes(capacity) + " on " + spec_.compute.str() +
+                                " while it runs: it fits); to " + ways);
+  }
 
   void bind() {
     if (!pool_.contains(spec_.compute))
@@ -812,19 +902,17 @@ class DistributedModule {
                                                                                       const copy_request& r) {
                                                      return alloc.copy_to(t, pool, d, r);
                                                    });
-    std::vector<bool> covered(bound_.units.size(), false);
     for (const auto& item : root().named_modules("", true)) {
       auto* s = dynamic_cast<nn::streamed_module*>(item.value().get());
       if (!s) continue;
-      auto ids = bound_.units_under(item.key());
-      for (auto id : ids) covered[id] = true;
-      s->attach_residency(manager_, std::move(ids));
+      s->attach_residency(manager_, bound_.units_under(item.key()));
       streamed_.push_back(s);
     }
+    const auto covered = covered_units();
     uncovered_.clear();
     for (std::size_t i = 0; i < covered.size(); ++i)
       if (!covered[i] && manager_->streams(i)) uncovered_.push_back(i);
-    if constexpr (detail::is_sequential_v<Module>) uncovered_.clear();
+    if (detail::is_sequential_v<Module> || spec_.uncovered == uncovered_units::caller_stages) uncovered_.clear();
   }
 
   // Moves every unit whose home changes; all new copies are made before any handle switches. A
@@ -933,7 +1021,8 @@ class DistributedModule {
   std::vector<std::vector<at::ScalarType>> compute_types_;  // per unit, per tensor: the module's dtype
   std::vector<std::size_t> last_remerged_;
   placement_plan loaded_plan_;
-  bool loaded_ = true;
+  std::atomic<bool> loaded_{true};
+  std::shared_mutex gate_;  // shared: forward calls; exclusive: whatever moves units
 };
 
 }  // namespace distorch::inline v0

@@ -4,6 +4,13 @@
 /// `distorch::nn::Streamed<torch::nn::XImpl>`. A model written with them streams with no change to
 /// its forward; unattached, they behave as the LibTorch layers they alias.
 ///
+/// `distorch::nn` is a complete drop-in for `torch::nn`: every other name (containers such as
+/// `Sequential`, `ModuleList`, `ModuleDict`; parameter-free layers such as `ReLU`, `Dropout`,
+/// `Flatten`; options such as `LinearOptions`; `Module`, `ModuleHolder`, `AnyModule`, `functional`,
+/// `init`) is LibTorch's own, found through a using-directive. So a model file switches with
+/// `namespace nn = distorch::nn;` where it had `namespace nn = torch::nn;`, or by replacing
+/// `torch::nn::` with `distorch::nn::`, and nothing else.
+///
 /// Layers whose forward has default arguments (ConvTranspose*, EmbeddingBag, MultiheadAttention,
 /// RNN/LSTM/GRU and their cells, Transformer*) take every argument when called directly;
 /// `Sequential` / `AnyModule` fill the defaults in as before.
@@ -35,8 +42,23 @@
 #include "distorch/runtime/detail/norm_print.hpp"
 #include "distorch/runtime/streamed.hpp"
 
+#include <torch/nn/modules/container/any.h>
+#include <torch/nn/modules/container/moduledict.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/container/parameterdict.h>
+#include <torch/nn/modules/container/parameterlist.h>
+#include <torch/nn/modules/container/sequential.h>
+
 namespace distorch::inline v0 {
 namespace nn {
+
+// Every torch::nn name this namespace does not declare itself (qualified lookup of
+// distorch::nn::X finds the streamed alias first, and LibTorch's X only where there is none).
+/// \code
+///   namespace nn = distorch::nn;
+///   nn::Sequential mlp(nn::Linear(8, 16), nn::ReLU(), nn::Dropout(0.1), nn::Linear(16, 8));
+/// \endcode
+using namespace torch::nn;
 
 // Each alias below, e.g. `distorch::nn::Linear`, is the LibTorch layer of the same name made to
 // stream. One line each, so the list cannot drift from what `Streamed<Impl>` supports.

@@ -15,6 +15,7 @@
 ///   bound.units_under("blocks.1");   // indices of the units inside that module
 /// \endcode
 
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -73,19 +74,49 @@ struct bound_module {
   std::vector<std::vector<at::Tensor>> handles;      ///< per unit, distinct tensors in unit order
   std::vector<std::vector<std::string>> names;       ///< per unit, the name of each handle
 
-  /// Units whose tensors lie inside the module at `path`, plus the unit containing that module
-  /// when a grouping rule made it part of a larger unit. "" gives every unit.
+  /// Units that hold a tensor of the module at `path` (also under another name: a weight tied
+  /// into an earlier unit belongs to every module that uses it), units named inside that module,
+  /// and the unit containing the module when a grouping rule made it part of a larger unit. ""
+  /// gives every unit. Costs one hash look-up per dot in `path` (see `index`).
   /// \code auto ids = bound.units_under("blocks.1"); \endcode
   std::vector<std::size_t> units_under(std::string_view path) const {
     std::vector<std::size_t> out;
-    for (std::size_t i = 0; i < units.size(); ++i) {
-      const auto& name = units.units()[i].name;
-      if (detail::path_within(name, path) || (!name.empty() && detail::path_within(path, name)) ||
-          (name.empty() && path.empty()))
-        out.push_back(i);
+    if (const auto it = by_path_.find(std::string(path)); it != by_path_.end()) out = it->second;
+    for (std::string_view p = path; !p.empty();) {
+      if (const auto it = by_name_.find(std::string(p)); it != by_name_.end()) out.push_back(it->second);
+      const auto dot = p.rfind('.');
+      p = dot == std::string_view::npos ? std::string_view() : p.substr(0, dot);
     }
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
     return out;
   }
+
+  /// Builds the look-up `units_under` uses; `bind_units` calls it, and so must anyone who fills
+  /// `units` by hand. \code bound.index(); \endcode
+  void index() {
+    by_path_.clear();
+    by_name_.clear();
+    auto add_prefixes = [&](std::string_view name, std::size_t i) {
+      for (std::string_view p = name;;) {
+        auto& list = by_path_[std::string(p)];
+        if (list.empty() || list.back() != i) list.push_back(i);
+        if (p.empty()) break;
+        const auto dot = p.rfind('.');
+        p = dot == std::string_view::npos ? std::string_view() : p.substr(0, dot);
+      }
+    };
+    for (std::size_t i = 0; i < units.size(); ++i) {
+      const auto& u = units.units()[i];
+      by_name_.emplace(u.name, i);
+      add_prefixes(u.name, i);
+      for (const auto& t : u.tensors) add_prefixes(t.name, i);
+    }
+  }
+
+ private:
+  std::unordered_map<std::string, std::vector<std::size_t>> by_path_;  // path -> units inside it
+  std::unordered_map<std::string, std::size_t> by_name_;                // unit name -> unit
 };
 
 /// Binds a module's parameters and buffers into units under `grouping`. Undefined tensors (an
@@ -136,6 +167,7 @@ inline bound_module bind_units(torch::nn::Module& module, std::span<const groupi
     bound.handles.push_back(std::move(handles));
     bound.names.push_back(std::move(names));
   }
+  bound.index();
   return bound;
 }
 

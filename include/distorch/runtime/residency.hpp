@@ -6,9 +6,14 @@
 /// in place with `Tensor::set_data`, so the model sees the fetched copy without knowing.
 ///
 /// Why it is built this way:
-/// - The execution order is not known in C++ (modules have no hooks), so it is learned: the order
-///   in which units first enter is recorded, and later entries prefetch the `depth` units that
-///   followed them, within a byte window.
+/// - The execution order is not known in C++ (modules have no hooks), so it is learned: the
+///   sequence in which streamed units enter during the first pass (or, without passes, until the
+///   first unit enters again) is recorded, repeats included. Later entries follow it with a
+///   cursor and prefetch the `depth` entries after it, within a byte window. The order is cyclic:
+///   the end of one forward prefetches the first units of the next. An entry off the order
+///   resynchronises the cursor (a changed order costs misses, never wrong weights); a unit the
+///   order does not know starts learning afresh. Each `enter` costs O(depth) on the host: it looks
+///   only at the cursor, the next `depth` entries, and the few units fetched ahead or kept staged.
 /// - On stream devices (CUDA, XPU, ...) copies are queued on a side stream taken from the device
 ///   guard interface (`c10::impl::VirtualGuardImpl`), so one code path serves every backend. The
 ///   compute stream waits on the unit's own event, never on the whole copy stream. A release
@@ -29,6 +34,12 @@
 ///   counts such a unit at `compute_bytes`, what it takes there once staged.
 /// - With `staging_ring_bytes`, CPU homes stay pageable and are copied through a bounded host
 ///   staging ring (`staging_ring.hpp`), page-locked where the backend supports it.
+/// - Strict simulated devices (`streaming_options::strict`, on by default): on a simulated
+///   compute device the handles of a streamed unit point, between uses, at a tripwire over the
+///   home copy's storage (runtime/detail/tripwire.hpp), so computing with a unit that was never
+///   staged is a `device_error` naming it, as it would be a device mismatch on a GPU.
+/// - Several threads or streams may run units at once. On stream devices every stream that enters
+///   a unit waits on that unit's copy event, and a release fences every stream that read it.
 /// - Copy time is the time the copies really took: on stream devices the time between timing
 ///   events around them where LibTorch can measure it (2.5 and later), else until the host first
 ///   sees them complete; on the CPU the host time of the synchronous copies.
@@ -59,6 +70,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/core/Event.h>
 #include <c10/core/Stream.h>
 #include <c10/core/StreamGuard.h>
@@ -71,6 +83,7 @@
 #include "distorch/device/device_id.hpp"
 #include "distorch/memory/allocator.hpp"
 #include "distorch/memory/pinned_host_allocator.hpp"
+#include "distorch/runtime/detail/tripwire.hpp"
 #include "distorch/runtime/device_pool.hpp"
 #include "distorch/runtime/staging_ring.hpp"
 #include "distorch/runtime/streaming_stats.hpp"
@@ -97,6 +110,10 @@ struct streaming_options {
   std::size_t staging_ring_slots = 2;
   /// Most host bytes `choose_host_staging` lets pinned homes take; 0 = half the host's RAM.
   std::uint64_t pinned_limit = 0;
+  /// On a simulated compute device, point the handles of units that are not staged at a tripwire
+  /// that makes any op on them a `device_error` naming the unit (what a device mismatch is on a
+  /// GPU). Ignored on real devices, where the mismatch itself is the error.
+  bool strict = true;
 };
 
 /// What runs on the compute device after a fetch (see `residency_unit::after_fetch`).
@@ -169,6 +186,16 @@ class residency_manager {
     }
     make_ring();
     recompute_window();
+    strict_ = options_.strict && target_->simulated;
+    if (strict_)
+      for (std::size_t i = 0; i < units_.size(); ++i) {
+        if (!streams(i)) continue;
+        auto& u = units_[i];
+        for (std::size_t t = 0; t < u.handles.size(); ++t) {
+          state_[i].wires.push_back(detail::make_tripwire(u.home_data[t].data, u.name, compute_.str()));
+          u.handles[t].set_data(state_[i].wires.back());
+        }
+      }
   }
 
   residency_manager(const residency_manager&) = delete;
@@ -178,6 +205,7 @@ class residency_manager {
     try {
       release_all();
       if (ring_) ring_->drain();
+      disarm();
     } catch (...) {  // a destructor must not throw; the bookings are released with the copies anyway
     }
   }
@@ -206,13 +234,15 @@ class residency_manager {
   void enter(std::size_t i) {
     std::lock_guard lock(mutex_);
     check_index(i, "entering unit");
-    learn(i);
+    track(i);
     release_lingering(i);
     harvest_copy_times(false);
     auto& s = state_[i];
     if (streams(i) && s.lingering) {
       s.lingering = false;  // still staged from an earlier entry in this pass: nothing to copy
+      drop(lingering_, i);
       ++stats_.reentries;
+      wait_for_copy(i);
     } else if (streams(i) && !s.staged) {
       const auto start = clock::now();
       if (s.fetched.empty()) {
@@ -221,11 +251,8 @@ class residency_manager {
       } else {
         ++stats_.prefetch_hits;
       }
-      if (s.ready) {
-        if (!s.ready->query()) ++stats_.late_prefetches;
-        s.ready->block(streams_->getStream(target_->torch_device));  // this unit's copy only
-        s.ready.reset();
-      }
+      if (s.ready && !s.ready->query()) ++stats_.late_prefetches;
+      wait_for_copy(i);
       try {
         stage(i);
       } catch (...) {
@@ -233,10 +260,12 @@ class residency_manager {
         throw;
       }
       stats_.wait_seconds += seconds_since(start);
+    } else if (streams(i)) {
+      wait_for_copy(i);  // staged for another thread or stream: this stream waits on the copy too
     }
     ++s.active;
     trace(residency_event_kind::enter, i);
-    prefetch_after(i);
+    prefetch_ahead();
   }
 
   /// Marks unit `i` as no longer running. When nothing runs it any more, a streamed unit goes back
@@ -250,6 +279,7 @@ class residency_manager {
     if (--state_[i].active != 0 || !streams(i)) return;
     if (passes_ > 0 && state_[i].staged) {
       state_[i].lingering = true;
+      lingering_.push_back(i);
       return;
     }
     try {
@@ -299,6 +329,10 @@ class residency_manager {
     if (passes_ == 0 || --passes_ != 0) return;
     try {
       release_lingering(units_.size());
+      last_entered_ = units_.size();
+      // The first pass taught the order; from its end on, the next pass's first units come ahead.
+      if (learning_ && !order_.empty()) learning_ = false;
+      prefetch_ahead();
     } catch (const std::exception& e) {
       log(log_level::error, std::string("ending a streaming pass failed: ") + e.what());
     }
@@ -316,7 +350,10 @@ class residency_manager {
   bool prefetch(std::size_t i) {
     std::lock_guard lock(mutex_);
     check_index(i, "prefetching unit");
-    return prefetch_unlocked(i);
+    const bool fresh = streams(i) && state_[i].fetched.empty();
+    const bool available = prefetch_unlocked(i);
+    if (fresh && available) state_[i].by_caller = true;
+    return available;
   }
 
   /// Sends every streamed unit that is not running back home.
@@ -356,18 +393,23 @@ class residency_manager {
     return held(state_.at(i));
   }
 
-  /// Units in the order they first entered.
+  /// The learned order: streamed units in the sequence they entered in one pass (a unit run
+  /// twice appears twice; consecutive entries of one unit once).
   /// \code auto order = manager.learned_order(); \endcode
   std::vector<std::size_t> learned_order() const {
     std::lock_guard lock(mutex_);
     return order_;
   }
-  /// Forgets the learned order (e.g. after the model's control flow changed).
-  /// \code manager.forget_order(); \endcode
+  /// True until a whole pass has been learned. \code CHECK(!manager.learning()); \endcode
+  bool learning() const {
+    std::lock_guard lock(mutex_);
+    return learning_;
+  }
+  /// Forgets the learned order; the next pass learns it again (it also re-learns by itself when
+  /// a unit it does not know enters). \code manager.forget_order(); \endcode
   void forget_order() {
     std::lock_guard lock(mutex_);
-    order_.clear();
-    position_.clear();
+    reset_order();
   }
 
   /// What the manager did since the last reset. On stream devices this waits for copies still in
@@ -423,9 +465,12 @@ class residency_manager {
       throw placement_error({"taking units from the residency manager", compute_.str(), std::nullopt,
                              "a unit is still running", "move or unload units only between forward calls"});
     if (ring_) ring_->drain();
+    disarm();
     state_.clear();
-    order_.clear();
-    position_.clear();
+    reset_order();
+    fetched_.clear();
+    ahead_.clear();
+    lingering_.clear();
     return std::move(units_);
   }
 
@@ -438,10 +483,13 @@ class residency_manager {
   struct unit_state {
     std::vector<held_tensor> fetched;  // on the compute device: the copies, then (staged) what the handles hold
     std::optional<c10::Event> ready;   // stream devices: completion of those copies
+    std::vector<c10::Stream> readers;  // stream devices: every compute stream that entered since the fetch
+    std::vector<at::Tensor> wires;     // strict mode: what the handles hold between uses
     int active = 0;
     bool staged = false;     // handles point at `fetched`
     bool ahead = false;      // fetched by prefetch and not yet entered
     bool lingering = false;  // staged, not running, kept for re-entry within the pass
+    bool by_caller = false;  // fetched ahead by prefetch() (a view knows what comes next), not by the order
   };
 
   // One fetch's copies on a stream device, timed once they have completed.
@@ -481,15 +529,59 @@ class residency_manager {
     if (trace_) trace_({kind, i});
   }
 
-  void learn(std::size_t i) {
-    if (position_.count(i) != 0) return;
-    position_.emplace(i, order_.size());
+  static void drop(std::vector<std::size_t>& list, std::size_t i) {
+    const auto it = std::find(list.begin(), list.end(), i);
+    if (it != list.end()) list.erase(it);
+  }
+
+  void reset_order() {
+    order_.clear();
+    positions_.clear();
+    cursor_ = 0;
+    last_entered_ = static_cast<std::size_t>(-1);
+    learning_ = true;
+  }
+
+  void append_to_order(std::size_t i) {
+    positions_[i].push_back(order_.size());
     order_.push_back(i);
+    cursor_ = order_.size() - 1;
+  }
+
+  // Records the order while learning, else moves the cursor along it (see the file comment).
+  void track(std::size_t i) {
+    const bool again = i == last_entered_;  // re-entered by the next layer of the same unit, or nested
+    last_entered_ = i;
+    if (again || !streams(i)) return;
+    if (learning_) {
+      if (passes_ == 0 && order_.size() > 1 && order_.front() == i) {  // no passes: the cycle closed
+        learning_ = false;
+        cursor_ = 0;
+        return;
+      }
+      append_to_order(i);
+      return;
+    }
+    const std::size_t next = (cursor_ + 1) % order_.size();
+    if (order_[next] == i) {
+      cursor_ = next;
+      return;
+    }
+    const auto known = positions_.find(i);
+    if (known == positions_.end()) {  // a unit the order has never seen: the call sequence changed
+      reset_order();
+      last_entered_ = i;
+      append_to_order(i);
+      return;
+    }
+    const auto& at = known->second;  // off the order: resynchronise at its next position
+    const auto later = std::upper_bound(at.begin(), at.end(), cursor_);
+    cursor_ = later != at.end() ? *later : at.front();
   }
 
   std::uint64_t fetched_bytes() const {
     std::uint64_t total = 0;
-    for (const auto& s : state_) total += held(s);
+    for (const auto j : fetched_) total += held(state_[j]);
     return total;
   }
 
@@ -516,15 +608,19 @@ class residency_manager {
     const auto bytes = static_cast<std::uint64_t>(source.numel()) * source.element_size();
     reservation booked = pool_.reserve(compute_, bytes, doing);
     at::Tensor out;
+    const bool dense = source.is_non_overlapping_and_dense();
     try {
-      out = at::empty(source.sizes(), source.options().device(target_->torch_device));
+      const auto options = source.options().device(target_->torch_device);
+      out = dense ? at::empty_strided(source.sizes(), source.strides(), options) : at::empty(source.sizes(), options);
     } catch (const c10::Error& e) {
       throw device_error({doing, compute_.str(), std::nullopt,
                           "LibTorch could not allocate " + format_bytes(bytes) + ": " + e.what_without_backtrace(),
                           "place less on " + compute_.str() + " or free memory there"});
     }
-    // Homes are made contiguous; a strided one is packed first (a transient pageable copy).
-    ring_->copy(source.is_contiguous() ? source : source.contiguous(), out, copy_stream_);
+    // A dense home (contiguous or channels_last alike) travels as the bytes it spans, into a copy
+    // with the same strides; any other one is packed first (a transient pageable copy).
+    if (dense) ring_->copy(detail::dense_span(source), detail::dense_span(out), copy_stream_);
+    else ring_->copy(source.contiguous(), out, copy_stream_);
     return {std::move(out), std::move(booked)};
   }
 
@@ -561,6 +657,8 @@ class residency_manager {
     }
     s.fetched = std::move(copies);
     s.ahead = ahead;
+    fetched_.push_back(i);
+    if (ahead) ahead_.push_back(i);
     stats_.fetches += 1;
     stats_.bytes_fetched += home_copy_bytes(u);
     trace(ahead ? residency_event_kind::prefetch : residency_event_kind::fetch, i);
@@ -589,7 +687,9 @@ class residency_manager {
     }
     for (std::size_t t = 0; t < u.handles.size(); ++t) u.handles[t].set_data(s.fetched[t].data);
     s.staged = true;
+    if (s.ahead) drop(ahead_, i);
     s.ahead = false;
+    s.by_caller = false;
   }
 
   held_tensor transform(std::size_t i, std::size_t t) {
@@ -637,26 +737,30 @@ class residency_manager {
     return true;
   }
 
-  void prefetch_after(std::size_t i) {
+  // Prefetches the `depth` entries after the cursor (cyclically once the order is learned), after
+  // giving back copies fetched ahead that the order no longer reaches soon.
+  void prefetch_ahead() {
+    const std::size_t n = order_.size();
+    if (n == 0) return;
     const std::size_t depth = options_.prefetch_depth;
-    const std::size_t at = position_.at(i);
-    // Copies ahead of use that the learned order no longer reaches soon are given back first, so
-    // the window always holds what comes next.
-    for (std::size_t j = 0; j < units_.size(); ++j) {
-      if (j == i || state_[j].active > 0 || state_[j].fetched.empty() || !state_[j].ahead) continue;
-      const auto p = position_.find(j);
-      // A unit not in the learned order yet was prefetched by someone who knows better (a view).
-      const bool upcoming = p == position_.end() || (p->second > at && p->second <= at + depth);
-      if (!upcoming) release(j);
+    std::vector<std::size_t> upcoming;
+    for (std::size_t k = 1; k <= depth && (!learning_ || cursor_ + k < n); ++k) {
+      const std::size_t u = order_[(cursor_ + k) % n];
+      if (std::find(upcoming.begin(), upcoming.end(), u) == upcoming.end()) upcoming.push_back(u);
     }
-    for (std::size_t k = 1; k <= depth && at + k < order_.size(); ++k)
-      if (!prefetch_unlocked(order_[at + k])) break;
+    // Copies the order fetched ahead and no longer reaches soon go; those a caller asked for (a
+    // view, which knows what comes next) stay until entered.
+    for (const std::size_t j : std::vector<std::size_t>(ahead_))
+      if (!state_[j].by_caller && std::find(upcoming.begin(), upcoming.end(), j) == upcoming.end()) release(j);
+    for (const std::size_t u : upcoming)
+      if (!prefetch_unlocked(u)) break;
   }
 
   // Releases every unit kept staged for re-entry, except `keep`.
   void release_lingering(std::size_t keep) {
-    for (std::size_t j = 0; j < units_.size(); ++j)
-      if (j != keep && state_[j].lingering) release(j);
+    if (lingering_.empty()) return;
+    for (const std::size_t j : std::vector<std::size_t>(lingering_))
+      if (j != keep) release(j);
   }
 
   // Adds the copy time of completed fetches on stream devices (all of them with `wait`).
@@ -686,24 +790,64 @@ class residency_manager {
   // this point, so blocks compute may still read are not reused by a new copy.
   void compute_passed_here() {
     if (!streams_) return;
+    stream_passed_here(streams_->getStream(target_->torch_device));
+  }
+
+  void stream_passed_here(const c10::Stream& reader) {
     c10::Event done(target_->torch_device.type());
-    done.record(streams_->getStream(target_->torch_device));
+    done.record(reader);
     done.block(*copy_stream_);
+  }
+
+  // Stream devices: the calling thread's current stream waits on unit i's copies (never on the
+  // whole copy stream) and is remembered, so the release fences it too.
+  void wait_for_copy(std::size_t i) {
+    if (!streams_) return;
+    auto& s = state_[i];
+    const c10::Stream current = streams_->getStream(target_->torch_device);
+    if (std::find(s.readers.begin(), s.readers.end(), current) != s.readers.end()) return;
+    if (s.ready) s.ready->block(current);
+    s.readers.push_back(current);
+  }
+
+  // What handle t of unit i holds while the unit is not staged.
+  const at::Tensor& at_rest(std::size_t i, std::size_t t) const {
+    return strict_ ? state_[i].wires[t] : units_[i].home_data[t].data;
+  }
+
+  // Strict mode off for good: handles point at their home copies, the tripwires are forgotten.
+  void disarm() {
+    if (!strict_) return;
+    for (std::size_t i = 0; i < state_.size(); ++i) {
+      auto& s = state_[i];
+      if (!s.staged)
+        for (std::size_t t = 0; t < s.wires.size(); ++t) units_[i].handles[t].set_data(units_[i].home_data[t].data);
+      for (const auto& w : s.wires) detail::forget_tripwire(w);
+      s.wires.clear();
+    }
   }
 
   void release(std::size_t i) {
     auto& u = units_[i];
     auto& s = state_[i];
     if (s.staged)
-      for (std::size_t t = 0; t < u.handles.size(); ++t) u.handles[t].set_data(u.home_data[t].data);
+      for (std::size_t t = 0; t < u.handles.size(); ++t) u.handles[t].set_data(at_rest(i, t));
     // Compute may still read the copies: the copy stream (whose pool the blocks return to) waits
-    // for compute to pass this point before it may reuse them.
-    if (!s.fetched.empty()) compute_passed_here();
+    // for every stream that read them to pass this point before it may reuse them.
+    if (!s.fetched.empty()) {
+      if (s.readers.empty()) compute_passed_here();
+      for (const auto& reader : s.readers) stream_passed_here(reader);
+    }
+    if (!s.fetched.empty()) drop(fetched_, i);
+    if (s.ahead) drop(ahead_, i);
+    if (s.lingering) drop(lingering_, i);
     s.fetched.clear();
+    s.readers.clear();
     s.ready.reset();
     s.staged = false;
     s.ahead = false;
     s.lingering = false;
+    s.by_caller = false;
     ++stats_.releases;
     trace(residency_event_kind::release, i);
   }
@@ -722,12 +866,83 @@ class residency_manager {
   std::optional<staging_ring> ring_;
   staging_ring_stats ring_base_;
   std::uint64_t window_ = 0;
-  std::vector<std::size_t> order_;
-  std::unordered_map<std::size_t, std::size_t> position_;
+  std::vector<std::size_t> order_;                                    // the learned sequence of streamed entries
+  std::unordered_map<std::size_t, std::vector<std::size_t>> positions_;  // unit -> its positions in order_
+  std::size_t cursor_ = 0;                                            // position of the last entry
+  std::size_t last_entered_ = static_cast<std::size_t>(-1);          // any unit, resident ones too
+  bool learning_ = true;
+  std::vector<std::size_t> fetched_;    // units with copies on the compute device
+  std::vector<std::size_t> ahead_;      // of those, fetched by prefetch and not yet entered
+  std::vector<std::size_t> lingering_;  // staged, idle, kept for re-entry within the pass
   int passes_ = 0;
+  bool strict_ = false;
   mutable std::vector<copy_timing> timings_;
   mutable streaming_stats stats_;
   std::function<void(residency_event)> trace_;
+};
+
+/// Enters units of a residency manager for one scope and leaves them, in reverse, when it ends
+/// (also on exceptions). If entering one throws, the ones already entered are left before the
+/// error propagates. What `DistributedModule::stage` and every streamed layer hold while they run.
+/// \code
+///   {
+///     distorch::unit_scope staged(manager, std::vector<std::size_t>{3, 4});
+///     run_units_3_and_4();
+///   }   // left here
+/// \endcode
+class unit_scope {
+ public:
+  /// Nothing entered. \code distorch::unit_scope none; \endcode
+  unit_scope() = default;
+  /// Enters `units` (kept by reference: they must outlive the scope).
+  /// \code distorch::unit_scope s(manager, units); \endcode
+  unit_scope(residency_manager& manager, const std::vector<std::size_t>& units) : manager_(&manager), units_(&units) {
+    enter_all();
+  }
+  /// Keeps `manager` alive for the scope and enters `units` (kept by reference); a null manager
+  /// enters nothing. \code distorch::unit_scope s(weak.lock(), units); \endcode
+  unit_scope(std::shared_ptr<residency_manager> manager, const std::vector<std::size_t>& units)
+      : keep_(std::move(manager)), manager_(keep_.get()), units_(&units) {
+    enter_all();
+  }
+  /// Keeps `manager` alive and owns the unit list. \code distorch::unit_scope s(shared, {0, 1}); \endcode
+  unit_scope(std::shared_ptr<residency_manager> manager, std::vector<std::size_t>&& units)
+      : keep_(std::move(manager)), manager_(keep_.get()), owned_(std::move(units)), units_(&owned_) {
+    enter_all();
+  }
+  unit_scope(unit_scope&& other) noexcept
+      : keep_(std::move(other.keep_)), manager_(std::exchange(other.manager_, nullptr)), owned_(std::move(other.owned_)),
+        units_(other.units_ == &other.owned_ ? &owned_ : other.units_), entered_(std::exchange(other.entered_, 0)) {}
+  unit_scope(const unit_scope&) = delete;
+  unit_scope& operator=(const unit_scope&) = delete;
+  unit_scope& operator=(unit_scope&&) = delete;
+  ~unit_scope() { leave_all(); }
+
+  /// The units this scope entered. \code for (auto u : scope.units()) manager.resident(u); \endcode
+  const std::vector<std::size_t>& units() const noexcept {
+    static const std::vector<std::size_t> none;
+    return units_ ? *units_ : none;
+  }
+
+ private:
+  void enter_all() {
+    if (!manager_) return;
+    try {
+      for (; entered_ < units_->size(); ++entered_) manager_->enter((*units_)[entered_]);
+    } catch (...) {
+      leave_all();
+      throw;
+    }
+  }
+  void leave_all() noexcept {
+    while (manager_ && entered_ > 0) manager_->leave((*units_)[--entered_]);
+  }
+
+  std::shared_ptr<residency_manager> keep_;
+  residency_manager* manager_ = nullptr;
+  std::vector<std::size_t> owned_;
+  const std::vector<std::size_t>* units_ = nullptr;
+  std::size_t entered_ = 0;
 };
 
 }  // namespace distorch::inline v0

@@ -66,6 +66,11 @@ inline void wait_for_event(const c10::Event& event) {
 #endif
 }
 
+/// The memory a non-overlapping, dense tensor spans (contiguous, channels_last or any other
+/// permutation) as a flat contiguous tensor of its dtype sharing its storage: copying these spans
+/// between two tensors with the same strides copies the tensor.
+inline at::Tensor dense_span(const at::Tensor& t) { return t.as_strided({t.numel()}, {1}, t.storage_offset()); }
+
 /// The bytes of a contiguous tensor as a flat byte tensor sharing its storage.
 inline at::Tensor byte_view(const at::Tensor& t) {
   return t.reshape({t.numel()}).view(at::kByte);

@@ -57,29 +57,9 @@ class streamed_module {
   const std::vector<std::size_t>& residency_units() const noexcept { return units_; }
 
  protected:
-  /// Holds the units entered for one call; leaving happens in the destructor, also on exceptions.
-  class entry {
-   public:
-    entry() = default;
-    entry(std::shared_ptr<residency_manager> manager, const std::vector<std::size_t>* units)
-        : manager_(std::move(manager)), units_(units) {
-      if (!manager_) return;
-      for (; entered_ < units_->size(); ++entered_) manager_->enter((*units_)[entered_]);
-    }
-    entry(const entry&) = delete;
-    entry& operator=(const entry&) = delete;
-    ~entry() {
-      if (!manager_) return;
-      while (entered_ > 0) manager_->leave((*units_)[--entered_]);
-    }
-
-   private:
-    std::shared_ptr<residency_manager> manager_;
-    const std::vector<std::size_t>* units_ = nullptr;
-    std::size_t entered_ = 0;
-  };
-
-  entry enter_units() { return entry(manager_.lock(), &units_); }
+  /// Enters this layer's units for one call (nothing when unattached); they are left when the
+  /// returned scope ends, also on exceptions.
+  unit_scope enter_units() { return unit_scope(manager_.lock(), units_); }
 
  private:
   std::weak_ptr<residency_manager> manager_;

@@ -8,7 +8,7 @@
 /// The protocol (`unit_allocator`):
 /// - `a.copy_to(source, pool, target, request)` returns a `held_tensor` whose `data` lives on
 ///   `target.torch_device`, bit-identical to `source`, and whose `booked` holds the bytes on
-///   `target`'s books. It throws a distorch::error and leaves nothing booked on failure.
+///   `target`'s books; a dense source keeps its strides (memory format). It throws a distorch::error and leaves nothing booked on failure.
 ///
 /// Example:
 /// \code
@@ -25,6 +25,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
 
 #include "distorch/core/bytes.hpp"
@@ -66,7 +67,10 @@ struct booked_copy_allocator {
     reservation booked = pool.reserve(target.id, bytes, request.doing);
     at::Tensor out;
     try {
-      out = at::empty(source.sizes(), source.options().device(target.torch_device).pinned_memory(request.pinned));
+      // A dense source keeps its strides (channels_last stays channels_last); others are packed.
+      const auto options = source.options().device(target.torch_device).pinned_memory(request.pinned);
+      out = source.is_non_overlapping_and_dense() ? at::empty_strided(source.sizes(), source.strides(), options)
+                                                  : at::empty(source.sizes(), options);
       out.copy_(source, request.non_blocking);
     } catch (const c10::Error& e) {
       throw device_error({std::string(request.doing), target.id.str(), std::nullopt,
