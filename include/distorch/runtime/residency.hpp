@@ -202,6 +202,7 @@ class residency_manager {
   residency_manager& operator=(const residency_manager&) = delete;
 
   ~residency_manager() {
+    trace_ = nullptr;  // the trace's receiver may be gone already; releases at destruction are not traced
     try {
       release_all();
       if (ring_) ring_->drain();
@@ -447,7 +448,8 @@ class residency_manager {
   /// Most bytes prefetching may hold on the compute device. \code manager.window(); \endcode
   std::uint64_t window() const noexcept { return window_; }
 
-  /// Receives every fetch, prefetch, enter, leave and release (under the manager's lock: keep it short).
+  /// Receives every fetch, prefetch, enter, leave and release (under the manager's lock: keep it
+  /// short), except the releases the destructor makes.
   /// \code manager.set_trace([&](distorch::residency_event e) { log.push_back(e); }); \endcode
   void set_trace(std::function<void(residency_event)> trace) {
     std::lock_guard lock(mutex_);
