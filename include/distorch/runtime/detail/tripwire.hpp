@@ -106,13 +106,14 @@ inline void tripwire_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet
 }
 
 inline void install_tripwire_fallback() {
-  static const bool installed = [] {
-    // Leaked on purpose: the registration must outlive every static destructor that could still run ops.
-    auto* library = new torch::Library(torch::Library::IMPL, "_", tripwire_key, __FILE__, __LINE__);
-    library->fallback(torch::CppFunction::makeFromBoxedFunction<&tripwire_fallback>());
-    return true;
-  }();
-  (void)installed;
+  // One registration per program (a function-local static of an inline function), made on first
+  // use and given back at exit, before LibTorch's dispatcher itself goes.
+  struct registration {
+    torch::Library library{torch::Library::IMPL, "_", tripwire_key, __FILE__, __LINE__};
+    registration() { library.fallback(torch::CppFunction::makeFromBoxedFunction<&tripwire_fallback>()); }
+  };
+  static registration once;
+  (void)once;
 }
 
 /// A tensor over `home`'s storage (same sizes, strides and offset) that refuses every operator.
