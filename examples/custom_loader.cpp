@@ -30,7 +30,7 @@ int main() {
     device_pool pool;
     pool.add(simulated_device(device_id::sim(0), 200 << 10, "simulated GPU")).add_host();
     planner_options planning;
-    planning.prefetch_depth = 2;  // the running unit + one fetched ahead
+    planning.prefetch_depth = 1;  // one fetched ahead of the running unit, as the runtime streams below
     const placement_plan plan = make_plan(from_file, pool.topo(), device_id::sim(0), "sim:0,64kb;cpu,*", planning);
     std::cout << "planned from " << from_file.size() << " units in the file header:\n" << format_plan_table(plan) << '\n';
 

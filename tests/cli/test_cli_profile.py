@@ -128,7 +128,7 @@ with tempfile.TemporaryDirectory() as tmp:
     check("predict --compute-gbps", rc == 0, err)
     if rc == 0:
         check("predict gbps compute", close(json.loads(out)["prediction"]["compute_seconds"], sum(sizes) / 50e9), out[-300:])
-        check("predict depth defaults to --prefetch", json.loads(out)["prediction"]["depth"] == 2, out[-300:])
+        check("predict depth defaults to --prefetch", json.loads(out)["prediction"]["depth"] == 1, out[-300:])
     rc, out, err = run(*(base + ["--predict", "--compute-ms-per-unit", "5"]))
     check("predict text, default profile", rc == 0 and "prediction" in out and "slowdown" in out and "conservative" in out, out + err)
     rc, out, err = run(*(base + ["--predict"]))
@@ -155,25 +155,26 @@ with tempfile.TemporaryDirectory() as tmp:
         check("predict with a measured profile", rc == 0 and json.loads(out)["prediction"]["links"][0]["kind"] == "host_memcpy", out[-300:] + err)
 
     # ---- plan --suggest ---------------------------------------------------------------------
-    sugg = ["plan", "--suggest", "--devices", "cuda:0=600MiB,cpu=16GiB", "--units", units, "--prefetch", "1", "--reserve", "50mb"]
+    sugg = ["plan", "--suggest", "--devices", "cuda:0=600MiB,cpu=16GiB", "--units", units, "--prefetch", "0", "--reserve", "50mb"]
     rc, out, err = run(*(sugg + ["--json"]))
     check("suggest --json", rc == 0, err)
     if rc == 0:
         j = json.loads(out)
         alloc = j["suggestion"]["allocation"]
-        # Longest head of 100 MiB units with head + 1 x 100 MiB window + 50 MiB reserve <= 600 MiB.
+        # Longest head of 100 MiB units with head + 1 x 100 MiB window (depth 0: the unit that runs)
+        # + 50 MiB reserve <= 600 MiB.
         keep = max(k for k in range(11) if k * 100 + (100 if k < 10 else 0) + 50 <= 600)
         check("suggest keeps the longest head", sum(u["device"] == "cuda:0" for u in j["units"]) == keep, out[:300])
         check("suggest offload", j["suggestion"]["offloaded_bytes"] == (10 - keep) * 100 * MiB, str(j["suggestion"]))
-        rc2, out2, err2 = run("plan", "--alloc", alloc, "--devices", "cuda:0=600MiB,cpu=16GiB", "--units", units, "--prefetch", "1",
+        rc2, out2, err2 = run("plan", "--alloc", alloc, "--devices", "cuda:0=600MiB,cpu=16GiB", "--units", units, "--prefetch", "0",
                               "--reserve", "50mb", "--json")
         check("suggestion plans", rc2 == 0 and json.loads(out2)["units"] == j["units"], err2)
         rc3, _, err3 = run("plan", "--alloc", f"cuda:0,{(keep + 1) * 100}mb;cpu,*", "--devices", "cuda:0=600MiB,cpu=16GiB", "--units",
-                           units, "--prefetch", "1", "--reserve", "50mb")
+                           units, "--prefetch", "0", "--reserve", "50mb")
         check("one more unit does not fit", rc3 == 1 and one_line_error(err3), err3)
     rc, out, err = run(*sugg)
     check("suggest text", rc == 0 and any(line.startswith("suggest: cuda:0,") for line in out.splitlines()), out + err)
-    rc, out, err = run("plan", "--suggest", "--devices", "cuda:0=150MiB,cpu=16GiB", "--units", units, "--prefetch", "2")
+    rc, out, err = run("plan", "--suggest", "--devices", "cuda:0=150MiB,cpu=16GiB", "--units", units, "--prefetch", "1")
     check("suggest impossible", rc == 1 and one_line_error(err) and "placement_error" in err, err)
     rc, out, err = run("plan", "--devices", "cuda:0=1GiB,cpu=16GiB", "--units", units)
     check("plan needs --alloc or --suggest", rc == 1 and one_line_error(err), err)

@@ -38,6 +38,8 @@
 
 #include <stdlib.h>
 
+#include <cmath>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -683,4 +685,53 @@ TEST_CASE("empty_caches and cuda_empty_cache give LibTorch's cached CUDA blocks 
     CHECK(after->reserved + big <= cached->reserved);  // the block's segment went back to the driver
     CHECK(after->allocated == cached->allocated);       // live tensors untouched
   }
+}
+
+TEST_CASE("pinned homes are booked at the bytes really pinned, unload pins no more than pinned_limit, and free gives "
+          "the pinned cache back" *
+          doctest::skip(skip_all())) {
+  REQUIRE(cuda_devices() >= 1);
+  REQUIRE(distorch::pinned_available());
+  c10::NoGradGuard no_grad;
+  distorch::cuda_empty_host_cache();
+  const auto before = distorch::cuda_host_allocator_stats();
+  constexpr std::int64_t width = 1000;  // 4,000,000-byte weights: the caching host allocator pins 4 MiB blocks
+  constexpr int depth = 6;
+  auto twin = make_twin(width, depth, cuda0);
+  auto pool = cuda_pool(1);
+  distorch::distribute_spec spec;
+  spec.compute = device_id::cuda(0);
+  const auto inv = distorch::bind_units(*twin.model).units;
+  // Room for the five CPU homes as pinned blocks, not for the sixth unit unload() sends there too.
+  std::uint64_t pinned_homes = 0;
+  for (std::size_t i = 1; i < inv.size(); ++i)
+    for (const auto& t : inv[i].tensors) pinned_homes += distorch::pinned_block_bytes(t.bytes);
+  spec.streaming.pinned_limit = pinned_homes + (1ull << 20);
+  recording_allocator alloc;
+  {
+    mlp_module dm(twin.model, pool, plan_for(inv, spec.compute, device_id::cpu()), spec, alloc);
+    CHECK(pool.used(device_id::cpu()) == pinned_homes);  // booked as pinned, not as the tensors' bytes
+    CHECK(pinned_homes > inv.total_bytes() - inv[0].bytes);
+    if (const auto after = distorch::cuda_host_allocator_stats(); after && before) {
+      const double really = static_cast<double>(after->allocated - before->allocated);
+      INFO("pinned by LibTorch: " << really << " bytes, booked: " << pool.used(device_id::cpu()));
+      CHECK(std::abs(really - static_cast<double>(pool.used(device_id::cpu()))) <= 0.01 * static_cast<double>(pool.used(device_id::cpu())));
+    }
+    const at::Tensor x = at::randn({8, width}).to(cuda0);
+    const at::Tensor expected = twin.reference->forward(x);
+    CHECK(same_bits(dm.forward(x), expected));
+
+    dm.unload();  // every unit to the host: the one that does not fit the limit rests pageable
+    std::uint64_t pinned_now = 0;
+    for (const auto& u : dm.residency().units())
+      for (const auto& h : u.home_data)
+        if (h.data.is_pinned()) pinned_now += h.booked.bytes();
+    CHECK(pinned_now <= spec.streaming.pinned_limit);
+    CHECK_FALSE(dm.residency().unit(0).home_data[0].data.is_pinned());  // its 4 MiB weight would cross the limit
+    dm.reload();
+    CHECK(same_bits(dm.forward(x), expected));
+  }
+  const auto report = distorch::empty_caches();
+  CHECK(report.pinned_released);
+  if (const auto after = distorch::cuda_host_allocator_stats(); after && before) CHECK(after->reserved <= before->reserved);
 }

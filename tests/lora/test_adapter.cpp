@@ -9,6 +9,7 @@
 #include "distorch/lora/binding.hpp"
 #include "distorch/lora/load_adapter.hpp"
 #include "lora_test_support.hpp"
+#include "support/captured_log.hpp"
 
 #include <doctest/doctest.h>
 
@@ -52,15 +53,7 @@ distorch::binding_options quiet() {
   return o;
 }
 
-struct captured_log {
-  std::vector<std::string> warnings;
-  captured_log() {
-    distorch::set_log_sink([this](distorch::log_level level, std::string_view message) {
-      if (level == distorch::log_level::warning) warnings.emplace_back(message);
-    });
-  }
-  ~captured_log() { distorch::set_log_sink({}); }
-};
+using distorch_test::captured_log;
 
 }  // namespace
 

@@ -31,7 +31,7 @@ distorch::placement_plan sample_plan() {
   const distorch::inventory model(us);
   const auto topo = distorch::parse_topology("cuda:0=24GiB,cuda:1=12GiB,cpu=64GiB");
   return distorch::make_plan(model, topo, device_id::cuda(0), "blocks\\.0$=cuda:1;cuda:0,2.5gb;cpu,*",
-                             {.prefetch_depth = 2, .reserve = 512 * MiB});
+                             {.prefetch_depth = 1, .reserve = 512 * MiB});
 }
 
 void check_bad_plan(const json& j, const std::string& field, const std::string& part) {

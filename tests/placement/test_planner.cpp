@@ -105,7 +105,7 @@ reference_plan run_reference(const reference_input& in) {
     out.placed[out.device[i]] += in.bytes[i];
     if (out.device[i] != in.compute) largest_streamed = std::max(largest_streamed, in.bytes[i]);
   }
-  out.window = largest_streamed * in.depth;
+  out.window = largest_streamed * (in.depth + 1);  // the unit that runs and `depth` ahead of it
   if (out.placed[in.compute] + out.window + in.reserve > in.free.at(in.compute)) out.fails = true;
   for (const auto& [d, b] : out.placed)
     if (d != in.compute && b > in.free.at(d)) out.fails = true;
@@ -235,7 +235,7 @@ TEST_CASE("planner matches the reference tail-first algorithm on thousands of ra
                                             : pinned != in.compute;
       if (placeable) largest = std::max(largest, c.sizes[i]);
     }
-    const auto quotas = policy.quotas({model, topo, c.compute, c.reserve, largest * c.depth});
+    const auto quotas = policy.quotas({model, topo, c.compute, c.reserve, largest * (c.depth + 1)});
     for (const auto& q : quotas.quotas) in.quotas.emplace_back(q.device.str(), q.bytes);
     const auto expected = run_reference(in);
 
@@ -297,7 +297,7 @@ TEST_CASE("planner: the head stays on the compute device up to its quota, the ta
   CHECK(plan.devices[0].units == 3);
   CHECK(plan.devices[1].placed_bytes == 7 * GiB);
   CHECK(plan.devices[1].quota == 7 * GiB + GiB / 2);
-  CHECK(plan.devices[0].window == 2 * GiB);  // largest streamed unit × default depth 2
+  CHECK(plan.devices[0].window == 2 * GiB);  // largest streamed unit × (default depth 1 + the unit that runs)
   CHECK(plan.home_of("blocks.9") == device_id::cpu());
 }
 
@@ -417,8 +417,8 @@ TEST_CASE("planner: head units are charged to the compute quota") {
 TEST_CASE("planner: window and reserve") {
   const auto model = model_of({GiB, 3 * GiB, 2 * GiB});
   const auto topo = distorch::parse_topology("cuda:0=24GiB,cpu=64GiB");
-  auto plan = distorch::make_plan(model, topo, device_id::cuda(0), "cuda:0,1gb;cpu,*", {.prefetch_depth = 3, .reserve = 512 * MiB});
-  CHECK(plan.devices[0].window == 9 * GiB);
+  auto plan = distorch::make_plan(model, topo, device_id::cuda(0), "cuda:0,1gb;cpu,*", {.prefetch_depth = 2, .reserve = 512 * MiB});
+  CHECK(plan.devices[0].window == 9 * GiB);  // 3 GiB × (2 ahead + the one running)
   CHECK(plan.devices[0].reserve == 512 * MiB);
   CHECK(plan.devices[1].window == 0);
   CHECK(plan.devices[1].reserve == 0);
@@ -430,7 +430,7 @@ TEST_CASE("planner: the compute device that cannot hold resident + window + rese
   const auto model = model_of(std::vector<std::uint64_t>(10, GiB));
   const auto topo = distorch::parse_topology("cuda:0=8GiB,cpu=64GiB");
   try {
-    (void)distorch::make_plan(model, topo, device_id::cuda(0), "cuda:0,7gb;cpu,*", {.prefetch_depth = 2, .reserve = GiB});
+    (void)distorch::make_plan(model, topo, device_id::cuda(0), "cuda:0,7gb;cpu,*", {.prefetch_depth = 1, .reserve = GiB});
     FAIL("expected placement_error");
   } catch (const distorch::placement_error& e) {
     CHECK(e.info().subject == "cuda:0");
@@ -445,7 +445,7 @@ TEST_CASE("planner: the compute device that cannot hold resident + window + rese
     CHECK(e.info().fix.find("the window and reserve alone exceed cuda:0") != std::string::npos);
   }
   // The same model plans once the window fits.
-  CHECK_NOTHROW((void)distorch::make_plan(model, topo, device_id::cuda(0), "cuda:0,5gb;cpu,*", {.prefetch_depth = 2, .reserve = GiB}));
+  CHECK_NOTHROW((void)distorch::make_plan(model, topo, device_id::cuda(0), "cuda:0,5gb;cpu,*", {.prefetch_depth = 1, .reserve = GiB}));
 }
 
 TEST_CASE("planner: errors for a missing compute device, missing devices and over-full donors") {
@@ -527,7 +527,7 @@ TEST_CASE("planner: auto fills the compute device, then the donors, and never st
   // 1 GiB - 256 MiB - 2 x 32 MiB stays, every other unit goes to a donor.
   const auto model = model_of(std::vector<std::uint64_t>(60, 32 * MiB));
   const auto topo = distorch::parse_topology("cuda:0=1GiB,cuda:1=512MiB,cpu=64GiB");
-  const auto plan = distorch::make_plan(model, topo, device_id::cuda(0), "auto", {.prefetch_depth = 2, .reserve = 256 * MiB});
+  const auto plan = distorch::make_plan(model, topo, device_id::cuda(0), "auto", {.prefetch_depth = 1, .reserve = 256 * MiB});
   CHECK(plan.devices[0].placed_bytes == 22 * 32 * MiB);  // 704 MiB
   CHECK(plan.allotment(device_id::cuda(1))->placed_bytes == 512 * MiB);
   CHECK(plan.allotment(device_id::cpu())->placed_bytes == (60 - 22 - 16) * 32 * MiB);

@@ -44,11 +44,11 @@ std::optional<std::uint64_t> best_resident(const inventory& model, const topolog
 }  // namespace
 
 TEST_CASE("suggest keeps the longest head that fits with window and reserve") {
-  // 10 units of 100 MiB; cuda:0 has 600 MiB; depth 1 window 100 MiB; reserve 50 MiB:
+  // 10 units of 100 MiB; cuda:0 has 600 MiB; depth 0 window 100 MiB (the unit that runs); reserve 50 MiB:
   // 4 resident (400) + 100 + 50 = 550 fits, 5 resident = 650 does not.
   const auto model = model_of(std::vector<std::uint64_t>(10, 100ull << 20));
   const auto topo = parse_topology("cuda:0=600MiB,cpu=16GiB");
-  const planner_options options{.prefetch_depth = 1, .reserve = 50ull << 20};
+  const planner_options options{.prefetch_depth = 0, .reserve = 50ull << 20};
   const auto s = suggest_allocation(model, topo, device_id::cuda(0), options);
   CHECK(s.allocation == "cuda:0,400mb;cpu,*");
   CHECK(s.donor == device_id::cpu());
@@ -65,7 +65,7 @@ TEST_CASE("suggest keeps the longest head that fits with window and reserve") {
 TEST_CASE("suggest with everything fitting offloads nothing") {
   const auto model = model_of({1000, 2000, 3000});
   const auto topo = parse_topology("cuda:0=1MiB,cpu=1GiB");
-  const auto s = suggest_allocation(model, topo, device_id::cuda(0), {.prefetch_depth = 2});
+  const auto s = suggest_allocation(model, topo, device_id::cuda(0), {.prefetch_depth = 1});
   CHECK(s.offloaded_bytes == 0);
   CHECK(s.plan.allotment(device_id::cuda(0))->placed_bytes == 6000);
   CHECK(parse_allocation(s.allocation).entries[0].bytes >= 6000);
@@ -75,7 +75,7 @@ TEST_CASE("suggest fails with the reason when even a full offload does not fit")
   const auto model = model_of({100ull << 20, 100ull << 20});
   const auto topo = parse_topology("cuda:0=150MiB,cpu=1GiB");
   try {
-    (void)suggest_allocation(model, topo, device_id::cuda(0), {.prefetch_depth = 2});
+    (void)suggest_allocation(model, topo, device_id::cuda(0), {.prefetch_depth = 1});
     FAIL("suggested an allocation that cannot fit");
   } catch (const placement_error& e) {
     CHECK(e.info().subject == "cuda:0");
@@ -88,13 +88,13 @@ TEST_CASE("suggest fails with the reason when even a full offload does not fit")
 TEST_CASE("suggest fails when the donor cannot take the offload") {
   const auto model = model_of(std::vector<std::uint64_t>(4, 100ull << 20));
   const auto topo = parse_topology("cuda:0=250MiB,cpu=150MiB");
-  CHECK_THROWS_AS(suggest_allocation(model, topo, device_id::cuda(0), {.prefetch_depth = 1}), placement_error);
+  CHECK_THROWS_AS(suggest_allocation(model, topo, device_id::cuda(0), {.prefetch_depth = 0}), placement_error);
 }
 
 TEST_CASE("suggest honours head rules and tiny units as the planner does") {
   const auto model = model_of({4096, 50ull << 20, 50ull << 20, 50ull << 20, 10}, {"embed", "blocks.0", "blocks.1", "blocks.2", "norm"});
   const auto topo = parse_topology("cuda:0=130MiB,cpu=1GiB");
-  planner_options options{.head_rules = {"embed"}, .prefetch_depth = 1};
+  planner_options options{.head_rules = {"embed"}, .prefetch_depth = 0};
   const auto s = suggest_allocation(model, topo, device_id::cuda(0), options);
   CHECK(s.plan.home_of("embed") == device_id::cuda(0));
   CHECK(s.plan.home_of("norm") == device_id::cuda(0));  // tiny

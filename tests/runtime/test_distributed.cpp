@@ -621,3 +621,36 @@ TEST_CASE("GGUF: quantized units stay quantized at home with keep_quantized, are
   CHECK(patched.streamed_home_bytes == stored_bytes("2") + unit_bytes + stored_bytes("6"));
   CHECK(patched.fetched_per_forward == patched.streamed_home_bytes);
 }
+
+TEST_CASE("Load-Patch-Distribute sends a tensor over the compute device's link only when an adapter patches it") {
+  auto [model, reference] = twin([] { return test_models::mlp_stack(32, 6); });
+  const auto adapters = make_lora(*model);  // patches every other weight
+  merge_reference(*reference, adapters);
+  auto pool = test_models::sim_pool(1 << 20);
+  std::uint64_t to_compute = 0;
+  pool.set_probe([&](const device_id& id, std::uint64_t bytes, std::string_view) {
+    if (id == device_id::sim(0)) to_compute += bytes;
+  });
+  distorch::distribute_spec spec;
+  spec.compute = device_id::sim(0);
+  spec.adapters = adapters;
+  distorch::DistributedModule dm(model, pool, distorch::policy_from_string("sim:0,30%;cpu,70%"), spec);
+  pool.set_probe({});
+  // What had to cross: the resident units, and of the others only the tensors an adapter patches.
+  std::uint64_t resident = 0, patched_elsewhere = 0;
+  for (std::size_t i = 0; i < dm.units().size(); ++i) {
+    const auto& u = dm.units().units()[i];
+    if (dm.plan().units[i].device == device_id::sim(0)) {
+      resident += u.bytes;
+      continue;
+    }
+    for (const auto& t : u.tensors)
+      if (dm.adapter_binding().patches_for(t.name) != nullptr) patched_elsewhere += t.bytes;
+  }
+  CHECK(resident > 0);
+  CHECK(patched_elsewhere > 0);
+  CHECK(to_compute == resident + patched_elsewhere);
+  CHECK(to_compute < dm.units().total_bytes());
+  const at::Tensor x = at::randn({3, 32});
+  CHECK(test_models::bit_identical(dm.forward(x), reference->forward(x)));
+}

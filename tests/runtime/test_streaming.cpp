@@ -8,6 +8,7 @@
 #include "distorch/placement/planner.hpp"
 #include "distorch/runtime/distributed_module.hpp"
 #include "distorch/runtime/streamed_view.hpp"
+#include "support/captured_log.hpp"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -667,4 +668,51 @@ TEST_CASE("copy time on the CPU is the time the synchronous copies took") {
   CHECK(s.copy_seconds > 0);      // 4 MiB copied three times takes measurable time
   CHECK(s.copy_seconds <= wall);  // and no more than the whole loop
   CHECK(s.wait_seconds >= s.copy_seconds);  // each entry waited for its own synchronous copy
+}
+
+TEST_CASE("a real device is planned against what it has free now, never more than its books allow") {
+  constexpr std::uint64_t MiB = 1ull << 20;
+  distorch::device_pool pool;
+  std::uint64_t free_now = 64 * MiB;  // another program holds most of this 80 GiB GPU
+  pool.add(distorch::real_device(distorch::device_info{device_id::cuda(0), 80ull << 30, 80ull << 30, false, "a shared GPU"}),
+           [&] { return free_now; });
+  pool.add_host();
+  auto topo = pool.topo();
+  CHECK(topo.find(device_id::cuda(0))->total_bytes == 80ull << 30);
+  CHECK(topo.find(device_id::cuda(0))->free_bytes == 64 * MiB);
+  // The host: what the OS has available, never its total.
+  const auto ram = distorch::host_memory();
+  REQUIRE(ram.has_value());
+  CHECK(topo.find(device_id::cpu())->free_bytes < ram->total);
+
+  // 16 units of 8 MiB: "auto" keeps on cuda:0 what fits its 64 MiB free beside the 16 MiB window
+  // (the unit that runs and one ahead) and the 8 MiB reserve, 5 units; the total would keep all.
+  std::vector<distorch::unit> units;
+  for (int i = 0; i < 16; ++i) units.push_back({"blocks." + std::to_string(i), {}, 8 * MiB});
+  const distorch::inventory model(units);
+  const auto plan = distorch::make_plan(model, topo, device_id::cuda(0), "auto", {.prefetch_depth = 1, .reserve = 8 * MiB});
+  CHECK(plan.allotment(device_id::cuda(0))->placed_bytes == 40 * MiB);
+  CHECK(plan.allotment(device_id::cuda(0))->window == 16 * MiB);
+  try {
+    (void)distorch::make_plan(model, topo, device_id::cuda(0), "cuda:0,*", {});
+    FAIL("expected placement_error");
+  } catch (const distorch::placement_error& e) {
+    CHECK(e.info().subject == "cuda:0");
+    CHECK(std::string(e.what()).find("64.00 MiB free") != std::string::npos);
+  }
+  // Books still count: with the device free again, what this pool booked is not free.
+  free_now = 80ull << 30;
+  auto held = pool.reserve(device_id::cuda(0), 100 * MiB, "a test booking");
+  CHECK(pool.topo().find(device_id::cuda(0))->free_bytes == (80ull << 30) - 100 * MiB);
+}
+
+TEST_CASE("a backend without a stream pool gets synchronous copies and one warning, not an error") {
+  distorch_test::captured_log log;
+  // Meta's device guard has no stream pool, as MPS's has not: copies to such a device are synchronous.
+  const c10::Device meta(c10::DeviceType::Meta);
+  CHECK_FALSE(distorch::detail::copy_stream_for(meta, "meta (test)").has_value());
+  CHECK_FALSE(distorch::detail::copy_stream_for(meta, "meta (test)").has_value());
+  REQUIRE(log.warnings.size() == 1);
+  CHECK(log.warnings[0].find("meta (test) has no stream pool") != std::string::npos);
+  CHECK(log.warnings[0].find("synchronous") != std::string::npos);
 }

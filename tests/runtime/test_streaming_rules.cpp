@@ -1,9 +1,10 @@
 // The streaming rules of docs/streaming.md that a model written by its user relies on: strict
 // simulated devices, plain torch::nn models, the distorch::nn drop-in, staging modules outside a
-// block loop, tied weights, memory formats, concurrent forwards.
+// block loop, tied weights, memory formats, concurrent forwards, the learned order, buffers.
 #include "models.hpp"
 
 #include <torch/nn/functional/activation.h>
+#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/container/any.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/dropout.h>
@@ -11,11 +12,16 @@
 #include <torch/nn/modules/normalization.h>
 
 #include "distorch/core/log.hpp"
+#include "distorch/io/open.hpp"
+#include "distorch/io/torch_tensor.hpp"
 #include "distorch/runtime/distributed_module.hpp"
 #include "distorch/runtime/streamed_view.hpp"
+#include "support/captured_log.hpp"
+#include "support/test_files.hpp"
 
 #include <ATen/ops/arange.h>
 #include <ATen/ops/equal.h>
+#include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
 
 #include <doctest/doctest.h>
@@ -39,15 +45,7 @@ namespace nn = distorch::nn;
 
 namespace {
 
-struct captured_log {
-  std::vector<std::string> warnings;
-  captured_log() {
-    distorch::set_log_sink([this](distorch::log_level level, std::string_view message) {
-      if (level == distorch::log_level::warning) warnings.emplace_back(message);
-    });
-  }
-  ~captured_log() { distorch::set_log_sink({}); }
-};
+using distorch_test::captured_log;
 
 bool mentions(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
@@ -469,4 +467,175 @@ TEST_CASE("the learned order is cyclic, repeats a unit run twice, and re-learns 
       CHECK(run({3, 4}).prefetch_misses == 0);
     }
   }
+}
+
+// ---- buffers -------------------------------------------------------------------------------------
+
+namespace {
+
+// Writes two buffers in forward, as a KV cache or a step counter would.
+struct cache_writerImpl : torch::nn::Module {
+  explicit cache_writerImpl(std::int64_t width) {
+    weight = register_parameter("weight", at::randn({width}));
+    last = register_buffer("last", at::zeros({width}));
+    steps = register_buffer("steps", at::zeros({1}, at::kLong));
+  }
+  at::Tensor forward(const at::Tensor& x) {
+    last.copy_(x.sum(0));
+    steps.add_(1);
+    return x + weight;
+  }
+  at::Tensor weight, last, steps;
+};
+TORCH_MODULE(cache_writer);
+
+// Scales by a non-persistent buffer the module computes itself (rotary inv_freq style).
+struct freq_scaleImpl : torch::nn::Module {
+  explicit freq_scaleImpl(std::int64_t width) {
+    inv_freq = register_buffer("inv_freq", at::arange(0, width, at::kFloat).div(width).neg().exp());
+  }
+  at::Tensor forward(const at::Tensor& x) { return x * inv_freq; }
+  at::Tensor inv_freq;
+};
+TORCH_MODULE(freq_scale);
+
+// The buffers of `module` by name, read inside a staging scope (strict handles refuse reads otherwise).
+template <class DM>
+std::vector<std::pair<std::string, at::Tensor>> staged_buffers(DM& dm, torch::nn::Module& module) {
+  auto staged = dm.stage(module);
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& b : module.named_buffers(true)) out.emplace_back(b.key(), b.value().clone());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("buffers forward writes go back home at release: BatchNorm running statistics in training, a cache in eval") {
+  auto make = [] { return torch::nn::Sequential(distorch::nn::Linear(8, 8), torch::nn::BatchNorm1d(8), cache_writer(8)); };
+  auto [model, reference] = test_models::twin(make);
+  auto pool = test_models::sim_pool(1 << 20);
+  distorch::distribute_spec spec;
+  spec.compute = device_id::sim(0);
+  const auto inv = distorch::bind_units(*model).units;
+  REQUIRE(inv.size() == 3);
+  // Every unit homed on cpu: each is fetched for its call and released after it.
+  distorch::DistributedModule<torch::nn::Sequential> dm(model, pool, plan_by_prefix(inv, {""}, device_id::cpu()), spec);
+  at::manual_seed(7);
+  for (int k = 0; k < 3; ++k) {
+    const at::Tensor x = at::randn({4, 8});
+    CHECK(test_models::bit_identical(dm.forward(x), reference->forward(x)));
+  }
+  // Training mode: BatchNorm's running mean, variance and batch count, and the cache, all came home.
+  CHECK(dm.stats().buffers_written_back == 3 * 5);
+  auto check_buffers = [&] {
+    for (std::size_t m : {1u, 2u}) {
+      const auto got = staged_buffers(dm, *model->ptr(m));
+      const auto want = reference->ptr(m)->named_buffers(true);
+      REQUIRE(got.size() == want.size());
+      for (const auto& [name, value] : got) {
+        CAPTURE(name);
+        CHECK(test_models::bit_identical(value, want[name]));
+      }
+    }
+  };
+  check_buffers();
+  // In eval mode BatchNorm computes with those statistics; only the cache still writes its two
+  // buffers, and a unit whose buffers nothing wrote is not copied back.
+  model->eval();
+  reference->eval();
+  dm.reset_stats();
+  const at::Tensor x = at::randn({4, 8});
+  CHECK(test_models::bit_identical(dm.forward(x), reference->forward(x)));
+  CHECK(dm.stats().buffers_written_back == 2);
+  check_buffers();
+  CHECK(staged_buffers(dm, *model->ptr(2))[1].second.item<std::int64_t>() == 4);  // the step counter
+}
+
+TEST_CASE("non-persistent buffers keep the module's values and are not required from weight files; a wrong rule is an error naming it") {
+  auto make = [] { return torch::nn::Sequential(distorch::nn::Linear(8, 8), freq_scale(8)); };
+  auto [generated, reference] = test_models::twin(make);
+  distorch_test::temp_dir dir{"runtime"};
+  auto tensors = distorch::demo::named_tensors(*generated);
+  std::erase_if(tensors, [](const auto& t) { return t.first == "1.inv_freq"; });
+  REQUIRE(tensors.size() == 2);
+  const std::string path = (dir.path / "model.safetensors").string();
+  distorch::save_safetensors(path, tensors);
+
+  auto pool = test_models::sim_pool(1 << 20);
+  distorch::distribute_spec spec;
+  spec.compute = device_id::sim(0);
+  spec.weights = {distorch::open_weights(path)};
+  const auto policy = distorch::policy_from_string("sim:0,50%;cpu,50%");
+  auto fresh = [&] {
+    at::manual_seed(5);  // other weights: they must come from the file
+    return make();
+  };
+  // Without a rule the file lacks a tensor, and the error says how to name it.
+  try {
+    distorch::DistributedModule<torch::nn::Sequential> dm(fresh(), pool, policy, spec);
+    FAIL("expected format_error");
+  } catch (const distorch::format_error& e) {
+    CHECK(e.info().subject == "1.inv_freq");
+    CHECK(mentions(e.what(), "spec.non_persistent"));
+  }
+  // A rule that matches nothing, or a parameter: format_error naming the rule; nothing booked.
+  for (const std::string& rule : {std::string(R"(\d+\.rope\.inv_freq)"), std::string(R"(0\.weight)"), std::string("(")}) {
+    CAPTURE(rule);
+    spec.non_persistent = {rule};
+    try {
+      distorch::DistributedModule<torch::nn::Sequential> dm(fresh(), pool, policy, spec);
+      FAIL("expected format_error");
+    } catch (const distorch::format_error& e) {
+      CHECK(e.info().subject == rule);
+    }
+    for (const auto& d : pool.devices()) CHECK(d.budget->used() == 0);
+  }
+  spec.non_persistent = {R"(\d+\.inv_freq)"};
+  auto model = fresh();
+  distorch::DistributedModule<torch::nn::Sequential> dm(model, pool, policy, spec);
+  const at::Tensor x = at::randn({3, 8});
+  CHECK(test_models::bit_identical(dm.forward(x), reference->forward(x)));
+}
+
+namespace {
+
+// A custom model around a Sequential, so that DistributedModule finds its layers by type.
+struct wrapped_stackImpl : torch::nn::Module {
+  explicit wrapped_stackImpl(torch::nn::Sequential s) : body(register_module("body", std::move(s))) {}
+  at::Tensor forward(const at::Tensor& x) { return body->forward(x); }
+  torch::nn::Sequential body;
+};
+TORCH_MODULE(wrapped_stack);
+
+}  // namespace
+
+TEST_CASE("Streamed<Impl>::clone() gives a module that still streams: a layer, and a Sequential of them") {
+  test_models::deterministic();
+  distorch::nn::Linear fc(8, 8);
+  const auto copy = fc->clone();
+  CHECK(dynamic_cast<distorch::nn::streamed_module*>(copy.get()) != nullptr);
+  const auto* linear = dynamic_cast<torch::nn::LinearImpl*>(copy.get());
+  REQUIRE(linear != nullptr);
+  CHECK(test_models::bit_identical(linear->weight, fc->weight));
+  CHECK_FALSE(linear->weight.is_same(fc->weight));  // a deep copy
+  CHECK(linear->weight.data_ptr() != fc->weight.data_ptr());
+
+  // Sequential::clone clones each child through its holder: every layer is still streamed, and a
+  // model built on the clone streams layer by layer, with no warning about plain layers.
+  auto original = test_models::mlp_stack(16, 4);
+  const auto cloned = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(original->clone());
+  REQUIRE(cloned != nullptr);
+  auto model = wrapped_stack(torch::nn::Sequential(cloned));
+  const at::Tensor x = at::randn({2, 16});
+  const at::Tensor expected = original->forward(x);
+  captured_log log;
+  auto pool = test_models::sim_pool(1 << 20);
+  distorch::distribute_spec spec;
+  spec.compute = device_id::sim(0);
+  const auto inv = distorch::bind_units(*model).units;
+  distorch::DistributedModule<wrapped_stack> dm(model, pool, plan_by_prefix(inv, {"body.2", "body.4", "body.6"}, device_id::cpu()), spec);
+  CHECK(log.warnings.empty());
+  for (int k = 0; k < 2; ++k) CHECK(test_models::bit_identical(dm.forward(x), expected));
+  CHECK(dm.stats().fetches > 0);
+  CHECK(pool.peak(device_id::sim(0)) < inv.total_bytes());
 }

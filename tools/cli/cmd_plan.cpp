@@ -27,7 +27,8 @@ const std::string plan_help = distorch::cli::allocation_grammar_help + R"(
 The head of the model stays on the compute device up to its quota; the tail goes to the other
 devices, first-fit in the order written. Units below 0.01% of the model stay on the compute
 device. The compute device must also hold the streaming window (largest streamed unit x
---prefetch) and the --reserve; otherwise planning fails and says what would fit.
+(--prefetch + 1): the unit that runs and the --prefetch units fetched ahead of it, the depth the
+runtime streams with) and the --reserve; otherwise planning fails and says what would fit.
 
 Units file: a JSON list in model order, e.g.
   [{"name": "embed", "bytes": 262144}, {"name": "blocks.0.attn", "bytes": 16777216}, ...]
@@ -62,7 +63,7 @@ struct plan_request {
   std::string model_file;
   std::vector<std::string> groups;
   std::vector<std::string> heads;
-  std::size_t prefetch = 2;
+  std::size_t prefetch = 1;
   std::string reserve = "0";
   std::uint32_t tiny_ppm = 100;
   bool json = false;
@@ -168,7 +169,7 @@ distorch::cli::command_registration plan_command{{"plan", 30, [](CLI::App& app, 
       ->excludes(units);
   sub->add_option("--group", r->groups, "Regex coarsening units, e.g. 'blocks\\.\\d+' (repeatable)");
   sub->add_option("--head", r->heads, "Regex of head units kept on the compute device, e.g. 'embed|wte|wpe' (repeatable)");
-  sub->add_option("--prefetch", r->prefetch, "Units fetched ahead; the window is largest streamed unit x this (default 2)");
+  sub->add_option("--prefetch", r->prefetch, "Units fetched ahead of the one running, as the runtime's prefetch_depth; the window is largest streamed unit x (this + 1) (default 1)");
   sub->add_option("--reserve", r->reserve, "Bytes the compute device keeps free for activations, e.g. 1.5gb (default 0)");
   sub->add_option("--tiny-ppm", r->tiny_ppm, "Units below this many millionths of the model stay on compute (default 100 = 0.01%)");
   sub->add_flag("--json", r->json, "Print the plan as JSON");

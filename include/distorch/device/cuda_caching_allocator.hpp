@@ -21,9 +21,24 @@
 
 #include "distorch/device/discover.hpp"
 
+#include <torch/csrc/api/include/torch/version.h>
+
+// LibTorch 2.8 and later reach the caching host allocator (pinned memory) through
+// at::getHostAllocator; earlier ones through at::cuda::CachingHostAllocator_*.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define DISTORCH_TORCH_HOST_ALLOCATOR 1
+#else
+#define DISTORCH_TORCH_HOST_ALLOCATOR 0
+#endif
+
 #if defined(DISTORCH_WITH_CUDA)
 #include <ATen/Context.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#if DISTORCH_TORCH_HOST_ALLOCATOR
+#include <ATen/core/CachingHostAllocator.h>
+#else
+#include <ATen/cuda/CachingHostAllocator.h>
+#endif
 #endif
 
 namespace distorch::inline v0 {
@@ -91,6 +106,38 @@ inline bool cuda_empty_cache() {
   if (!fn) return false;
   fn();
   return true;
+#endif
+}
+
+/// Pinned host memory as LibTorch's caching host allocator reports it: `allocated` = bytes of
+/// blocks in use, `reserved` = bytes it holds page-locked (in use + cached). Nullopt without a CUDA
+/// device, without `DISTORCH_WITH_CUDA`, or before LibTorch 2.8.
+/// \code if (auto s = distorch::cuda_host_allocator_stats()) std::cout << s->allocated << '\n'; \endcode
+inline std::optional<torch_allocator_stats> cuda_host_allocator_stats() {
+  if (torch_device_count(c10::DeviceType::CUDA) == 0) return std::nullopt;
+#if defined(DISTORCH_WITH_CUDA) && DISTORCH_TORCH_HOST_ALLOCATOR
+  const auto stats = at::getHostAllocator(c10::DeviceType::CUDA)->get_stats();
+  return torch_allocator_stats{static_cast<std::uint64_t>(stats.active_bytes.current),
+                               static_cast<std::uint64_t>(stats.allocated_bytes.current)};
+#else
+  return std::nullopt;
+#endif
+}
+
+/// Gives the page-locked host blocks LibTorch's caching host allocator keeps for reuse back to the
+/// OS. True when a release was made; false without a CUDA device or without `DISTORCH_WITH_CUDA`.
+/// \code distorch::cuda_empty_host_cache(); \endcode
+inline bool cuda_empty_host_cache() {
+  if (torch_device_count(c10::DeviceType::CUDA) == 0) return false;
+#if defined(DISTORCH_WITH_CUDA)
+#if DISTORCH_TORCH_HOST_ALLOCATOR
+  at::getHostAllocator(c10::DeviceType::CUDA)->empty_cache();
+#else
+  at::cuda::CachingHostAllocator_emptyCache();
+#endif
+  return true;
+#else
+  return false;
 #endif
 }
 

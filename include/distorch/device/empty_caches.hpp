@@ -3,7 +3,8 @@
 /// `empty_caches()`: give cached memory back on every device. LibTorch's caching allocators keep
 /// freed blocks for reuse, and glibc keeps freed heap pages; after unloading a model neither is
 /// visible to other processes (or to `nvidia-smi`) until released. This releases the CUDA caching
-/// allocator's unused blocks (device/cuda_caching_allocator.hpp) and trims host RAM with
+/// allocator's unused blocks and the pinned host blocks its caching host allocator keeps
+/// (device/cuda_caching_allocator.hpp), and trims host RAM with
 /// `malloc_trim(0)`. Tensors in use are never touched.
 ///
 /// Example:
@@ -29,6 +30,7 @@ namespace distorch::inline v0 {
 struct cache_release_report {
   std::vector<device_id> cleared;  ///< devices whose allocator cache was released
   bool host_trimmed = false;       ///< malloc_trim returned memory to the OS
+  bool pinned_released = false;    ///< the caching host allocator's unused pinned blocks were unpinned and freed
 };
 
 /// Releases allocator caches on every device and trims host RAM.
@@ -42,6 +44,7 @@ inline cache_release_report empty_caches() {
     const int n = torch_device_count(c10::DeviceType::CUDA);
     for (int i = 0; i < n; ++i) report.cleared.push_back(device_id::cuda(i));
   }
+  report.pinned_released = cuda_empty_host_cache();
 #if defined(__GLIBC__)
   report.host_trimmed = malloc_trim(0) == 1;
 #endif

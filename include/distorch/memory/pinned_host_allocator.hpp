@@ -13,6 +13,8 @@
 ///   }
 /// \endcode
 
+#include <bit>
+#include <cstdint>
 #include <new>
 #include <string>
 
@@ -27,6 +29,12 @@ namespace distorch::inline v0 {
 /// Whether pinned host memory can be made here (LibTorch reports a CUDA device).
 /// \code bool pin = options.pin && distorch::pinned_available(); \endcode
 inline bool pinned_available() noexcept { return torch_device_count(c10::DeviceType::CUDA) > 0; }
+
+/// Bytes LibTorch's caching host allocator takes for a pinned block of `bytes`: it rounds every
+/// block up to a power of two (its default; `pinned_max_round_threshold` can only lower that), so
+/// pinned memory is booked at this size and the books match what is really page-locked.
+/// \code distorch::pinned_block_bytes(3 << 20);   // 4 MiB \endcode
+constexpr std::uint64_t pinned_block_bytes(std::uint64_t bytes) noexcept { return bytes == 0 ? 0 : std::bit_ceil(bytes); }
 
 /// Page-locked CPU tensors through LibTorch's pinned-memory allocator.
 class pinned_host_allocator {

@@ -14,7 +14,8 @@
 ///    then each unit goes to the first donor, in fill order, whose remaining quota holds it; a unit
 ///    that no donor holds stays on the compute device.
 /// 5. The compute device must hold its resident units + the streaming window (largest unit homed
-///    elsewhere × prefetch depth) + the activation reserve, and every donor its units; otherwise
+///    elsewhere × (prefetch depth + 1): the unit that runs and the ones fetched ahead of it) + the
+///    activation reserve, and every donor its units; otherwise
 ///    planning fails with a `placement_error` that says what would fit.
 ///
 /// Example:
@@ -58,8 +59,9 @@ struct planner_options {
   /// Regexes (ECMAScript, case-insensitive, searched in unit and tensor names) of head units
   /// that stay on the compute device, e.g. `text_encoder_head_rule`.
   std::vector<std::string> head_rules{};
-  /// Units fetched ahead of use; the compute device keeps largest streamed unit × depth free.
-  std::size_t prefetch_depth = 2;
+  /// Units fetched ahead of the one running, as the runtime's `streaming_options::prefetch_depth`
+  /// (one meaning everywhere): the compute device keeps largest streamed unit × (depth + 1) free.
+  std::size_t prefetch_depth = 1;
   /// Bytes the compute device keeps free for activations.
   std::uint64_t reserve = 0;
   /// Asking a device for more than it has is an error instead of a clamped warning.
@@ -67,6 +69,9 @@ struct planner_options {
 };
 
 namespace detail {
+
+/// Units the streaming window holds at prefetch depth `depth`: the one running and `depth` ahead.
+constexpr std::uint64_t window_slots(std::size_t depth) noexcept { return static_cast<std::uint64_t>(depth) + 1; }
 
 inline std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept { return a > ~0ull - b ? ~0ull : a + b; }
 inline std::uint64_t saturating_mul(std::uint64_t a, std::uint64_t b) noexcept {
@@ -154,7 +159,7 @@ placement_plan make_plan(const inventory& model, const topology& devices, device
 
   // Quotas, in fill order.
   const policy_context ctx{model, devices, compute, options.reserve,
-                           detail::saturating_mul(largest_placeable, options.prefetch_depth), options.strict};
+                           detail::saturating_mul(largest_placeable, detail::window_slots(options.prefetch_depth)), options.strict};
   const quota_set quotas = policy.quotas(ctx);
   for (const auto& q : quotas.quotas)  // the library's policies check this; a policy of one's own may not
     detail::require_device(ctx, q.device, q.entry, q.column);
@@ -230,7 +235,7 @@ placement_plan make_plan(const inventory& model, const topology& devices, device
     if (home[i] != 0) largest_streamed = std::max(largest_streamed, p.bytes);
   }
   auto& c = plan.devices[0];
-  c.window = detail::saturating_mul(largest_streamed, options.prefetch_depth);
+  c.window = detail::saturating_mul(largest_streamed, detail::window_slots(options.prefetch_depth));
   c.reserve = options.reserve;
   plan.warnings = quotas.warnings;
 
@@ -243,7 +248,7 @@ placement_plan make_plan(const inventory& model, const topology& devices, device
     for (std::size_t k = 1; k < policy_devices; ++k) donor_room = detail::saturating_add(donor_room, left[k]);
     std::string problem = compute.str() + " has " + format_bytes(compute_info->free_bytes) + " free but must hold " +
                           format_bytes(c.placed_bytes) + " of resident units + " + format_bytes(c.window) +
-                          " streaming window (" + std::to_string(options.prefetch_depth) + " x " + format_bytes(largest_streamed) +
+                          " streaming window (" + std::to_string(detail::window_slots(options.prefetch_depth)) + " x " + format_bytes(largest_streamed) +
                           ") + " + format_bytes(c.reserve) + " activation reserve = " + format_bytes(need);
     std::string fix = room == 0 ? "the window and reserve alone exceed " + compute.str() + "; lower the prefetch depth or the reserve"
                                 : "at most " + format_bytes(room) + " of units fit resident on " + compute.str() +

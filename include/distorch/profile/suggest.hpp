@@ -126,7 +126,7 @@ inline allocation_suggestion suggest_allocation(const inventory& model, const to
   std::optional<std::size_t> keep;
   std::uint64_t need = 0;
   for (std::size_t k = m + 1; k-- > 0;) {
-    const std::uint64_t window = detail::saturating_mul(tail_max[k], options.prefetch_depth);
+    const std::uint64_t window = detail::saturating_mul(tail_max[k], detail::window_slots(options.prefetch_depth));
     need = detail::saturating_add(detail::saturating_add(pinned + prefix[k], window), options.reserve);
     if (need <= info->free_bytes) {
       keep = k;
@@ -136,7 +136,7 @@ inline allocation_suggestion suggest_allocation(const inventory& model, const to
   if (!keep)
     throw placement_error({std::string(doing), compute.str(), std::nullopt,
                            "even with every placeable unit offloaded, " + compute.str() + " must hold " + format_bytes(need) +
-                               " (units kept there + " + std::to_string(options.prefetch_depth) + " x the largest unit + reserve) but has " +
+                               " (units kept there + " + std::to_string(detail::window_slots(options.prefetch_depth)) + " x the largest unit + reserve) but has " +
                                format_bytes(info->free_bytes) + " free",
                            "lower the prefetch depth or the reserve, coarsen fewer units together, or compute on a larger device"});
 

@@ -3,7 +3,10 @@
 /// `device_pool`: the devices one distributed model may put bytes on, each with its books (a
 /// `byte_budget`) and the LibTorch device its bytes really live on. Simulated devices keep their
 /// own capacity; real devices are booked against their total memory, so the pool can report
-/// memory per device for every kind alike. Every reservation the runtime makes goes through
+/// memory per device for every kind alike. Planning asks more of a real device: `topo()` reports
+/// as free the smaller of what its books leave and what the device has free now (the OS for the
+/// host, the CUDA runtime plus the unused blocks LibTorch's caching allocator holds for a GPU), so
+/// a plan never counts on memory another program or another model already took. Every reservation the runtime makes goes through
 /// `reserve()`, which first calls the optional allocation probe: tests use it to inject a failure
 /// at any chosen allocation, and tools use it to trace allocations.
 ///
@@ -16,6 +19,7 @@
 ///   pool.used(distorch::device_id::sim(0));   // 4096
 /// \endcode
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -28,6 +32,7 @@
 
 #include "distorch/core/error.hpp"
 #include "distorch/device/byte_budget.hpp"
+#include "distorch/device/cuda_caching_allocator.hpp"
 #include "distorch/device/device.hpp"
 #include "distorch/device/device_id.hpp"
 #include "distorch/device/memory_info.hpp"
@@ -44,6 +49,9 @@ struct pool_device {
   std::shared_ptr<byte_budget> budget;
   bool simulated = false;
   std::string name;
+  /// Real devices: the bytes free on the device now (see the file comment); empty for simulated
+  /// devices, whose books are the whole truth.
+  std::function<std::uint64_t()> free_now;
 
   /// True when copies to and from it are synchronous host copies (cpu and simulated devices).
   /// \code if (!d.host_backed()) use_streams(); \endcode
@@ -74,17 +82,30 @@ class device_pool {
   /// \code pool.add(distorch::simulated_device(distorch::device_id::sim(0), 1ull << 30)); \endcode
   device_pool& add(const simulated_device& d) {
     check_new(d.id());
-    devices_.push_back({d.id(), c10::Device(c10::DeviceType::CPU), d.budget(), true, d.name()});
+    devices_.push_back({d.id(), c10::Device(c10::DeviceType::CPU), d.budget(), true, d.name(), {}});
     return *this;
   }
 
   /// Adds a real device, booked against its total memory (unbounded when the total is unknown).
+  /// `free_now` says what is free on it now for planning; by default it asks the device
+  /// (`real_device::available()`, plus the CUDA caching allocator's unused blocks on a GPU).
   /// \code for (auto& info : distorch::discover().devices) pool.add(distorch::real_device(info)); \endcode
-  device_pool& add(const real_device& d) {
+  device_pool& add(const real_device& d, std::function<std::uint64_t()> free_now = {}) {
     check_new(d.id());
     const std::uint64_t capacity = d.capacity() == 0 ? std::numeric_limits<std::uint64_t>::max() : d.capacity();
-    devices_.push_back({d.id(), d.torch_device(), std::make_shared<byte_budget>(d.id(), capacity), false, d.name()});
+    if (!free_now) free_now = [d] { return measured_free(d); };
+    devices_.push_back({d.id(), d.torch_device(), std::make_shared<byte_budget>(d.id(), capacity), false, d.name(), std::move(free_now)});
     return *this;
+  }
+
+  /// What a real device has free now: the OS's or the runtime's figure, plus on a GPU the blocks
+  /// LibTorch's caching allocator keeps but no tensor uses (they are free to this process).
+  /// \code std::uint64_t f = distorch::device_pool::measured_free(distorch::real_device(info)); \endcode
+  static std::uint64_t measured_free(const real_device& d) {
+    std::uint64_t free = d.available();
+    if (d.id().kind == device_kind::cuda)
+      if (const auto s = cuda_allocator_stats(d.id().index); s && s->reserved > s->allocated) free += s->reserved - s->allocated;
+    return free;
   }
 
   /// Adds the host (`cpu`) with its RAM as capacity.
@@ -117,11 +138,16 @@ class device_pool {
   /// Every device, in the order added. \code for (const auto& d : pool.devices()) d.id.str(); \endcode
   const std::vector<pool_device>& devices() const noexcept { return devices_; }
 
-  /// The pool as the planner sees it: total = capacity, free = what is not booked.
+  /// The pool as the planner sees it: total = capacity, free = what is not booked, and on a real
+  /// device no more than it has free now (see the file comment).
   /// \code auto plan = distorch::make_plan(inv, pool.topo(), compute, policy); \endcode
   topology topo() const {
     topology t;
-    for (const auto& d : devices_) t.devices.push_back({d.id, d.budget->capacity(), d.budget->available(), d.simulated, d.name});
+    for (const auto& d : devices_) {
+      std::uint64_t free = d.budget->available();
+      if (d.free_now) free = std::min(free, d.free_now());
+      t.devices.push_back({d.id, d.budget->capacity(), free, d.simulated, d.name});
+    }
     return t;
   }
 

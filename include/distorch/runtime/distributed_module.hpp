@@ -6,7 +6,9 @@
 /// Load-Patch-Distribute, for each unit in model order:
 /// 1. read its tensors (from the weight sources, zero-copy where the reader maps the file, or from
 ///    the module's own current tensors);
-/// 2. copy them to the compute device (one unit in flight, booked there);
+/// 2. copy the tensors an adapter patches, and those of units homed on the compute device, to the
+///    compute device (one unit in flight, booked there); the others go straight to their home
+///    (cast to the home's storage dtype where they are), never over the compute device's link;
 /// 3. merge the adapters that target them (lora/: LoRA, LoHa, LoKr, DoRA, diff, diff_b,
 ///    set_weight) in float32 on the compute device, rounded once to the storage dtype;
 /// 4. copy them to the unit's home (or keep them there when the home is the compute device);
@@ -68,6 +70,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <regex>
 #include <shared_mutex>
 #include <string>
 #include <string_view>
@@ -142,7 +145,8 @@ struct distribute_spec {
   /// Coarsens units, e.g. `{{R"(blocks\.\d+)"}}`: one unit per block.
   std::vector<grouping_rule> grouping;
   streaming_options streaming;
-  /// Planner knobs; its prefetch depth is taken from `streaming` (+1 for the unit that runs).
+  /// Planner knobs; its prefetch depth is taken from `streaming` (one meaning: units ahead of the
+  /// one running).
   planner_options planning;
   /// With the module's own weights as source, keep every unit's unpatched tensors in host memory so
   /// `set_adapters` can re-merge any unit. Without it only units some adapter touched at load
@@ -161,6 +165,12 @@ struct distribute_spec {
   progress_callback progress;
   /// Who stages streamed units no `distorch::nn` layer covers (see `uncovered_units`).
   uncovered_units uncovered = uncovered_units::stage_around_forward;
+  /// Buffers the weight files do not hold (non-persistent buffers: rotary `inv_freq`, masks),
+  /// as regexes matched against the whole tensor name. A matching buffer keeps the module's own
+  /// value and is never looked up in `weights`. A rule that matches no buffer, or that matches a
+  /// parameter, is a `format_error` naming the rule.
+  /// \code spec.non_persistent = {R"(layers\.\d+\.rotary\.inv_freq)"}; \endcode
+  std::vector<std::string> non_persistent;
 };
 
 /// Bytes per device as the pool books them.
@@ -521,6 +531,8 @@ class DistributedModule {
       compute_types_.push_back(std::move(types));
     }
     check_storage();
+    own_values_.clear();
+    check_non_persistent();
     if (!spec_.weights.empty()) check_sources();
     binding_ = bind_adapters(spec_.adapters);
   }
@@ -607,17 +619,47 @@ class DistributedModule {
 
   // Every tensor must be found in a source with its shape, before anything moves. The first source
   // that has a name serves it.
+  // The non-persistent rules pick buffers that keep the module's values: each rule must match a
+  // buffer, and none a parameter.
+  void check_non_persistent() {
+    for (const auto& text : spec_.non_persistent) {
+      const std::string doing = "choosing non-persistent buffers";
+      std::regex rule;
+      try {
+        rule = std::regex(text, std::regex::ECMAScript);
+      } catch (const std::regex_error& e) {
+        throw format_error({doing, text, std::nullopt, std::string("not a valid regex: ") + e.what(), "write an ECMAScript regex"});
+      }
+      bool matched = false;
+      for (std::size_t i = 0; i < bound_.names.size(); ++i)
+        for (std::size_t t = 0; t < bound_.names[i].size(); ++t) {
+          const auto& name = bound_.names[i][t];
+          if (!std::regex_match(name, rule)) continue;
+          if (!bound_.buffer_owners[i][t])
+            throw format_error({doing, text, std::nullopt, "the rule matches the parameter '" + name + "'; parameters always come from the weight files",
+                                "narrow the rule to buffers"});
+          matched = true;
+          own_values_.try_emplace(name, bound_.handles[i][t].data());
+        }
+      if (!matched)
+        throw format_error({doing, text, std::nullopt, "the rule matches no buffer of the module",
+                            "match whole buffer names, e.g. " + std::string(R"(layers\.\d+\.inv_freq)")});
+    }
+  }
+
   void check_sources() {
     for (const auto& src : spec_.weights)
       for (const auto& r : src->records()) sources_.try_emplace(r.name, source_entry{src.get(), &r});
     for (std::size_t i = 0; i < bound_.handles.size(); ++i)
       for (std::size_t t = 0; t < bound_.handles[i].size(); ++t) {
         const auto& name = bound_.names[i][t];
+        if (own_values_.contains(name)) continue;
         const auto it = sources_.find(name);
         const auto& h = bound_.handles[i][t];
         if (it == sources_.end())
           throw format_error({"matching weight files to the module", name, std::nullopt, "no weight file has this tensor",
-                              "pass the weight files that hold every parameter and buffer of the model"});
+                              "pass the weight files that hold every parameter and buffer of the model" +
+                                  std::string(bound_.buffer_owners[i][t] ? ", or name the buffer in spec.non_persistent" : "")});
         if (it->second.record->shape != std::vector<std::int64_t>(h.sizes().begin(), h.sizes().end()))
           throw format_error({"matching weight files to the module", name, std::nullopt,
                               "the file's shape differs from the module's", "load weights made for this model"});
@@ -655,9 +697,9 @@ class DistributedModule {
   template <placement_policy P>
   placement_plan make_plan_for(const P& policy, const topology& topo) const {
     planner_options options = spec_.planning;
-    // The planner keeps largest unit × depth free on the compute device; the runtime also needs
-    // room for the unit that runs (and for the one unit in flight while loading).
-    options.prefetch_depth = spec_.streaming.prefetch_depth + 1;
+    // One depth meaning: the planner keeps the unit that runs and `depth` ahead of it free, what
+    // the runtime's window holds (the unit in flight while loading fits in that room too).
+    options.prefetch_depth = spec_.streaming.prefetch_depth;
     return make_plan(bound_.units, topo, spec_.compute, policy, options);
   }
 
@@ -683,13 +725,16 @@ class DistributedModule {
   // keep_quantized) at their full size.
   std::uint64_t home_bytes_of(std::size_t i, const device_id& home) const {
     std::uint64_t total = 0;
-    for (std::size_t t = 0; t < bound_.handles[i].size(); ++t) {
-      const auto numel = static_cast<std::uint64_t>(bound_.handles[i][t].numel());
-      if (const auto* info = quantized_info(i, t)) total += info->bytes;
-      else if (const auto stored = storage_type(i, t, home)) total += numel * c10::elementSize(*stored);
-      else total += numel * c10::elementSize(compute_types_[i][t]);
-    }
+    for (std::size_t t = 0; t < bound_.handles[i].size(); ++t) total += tensor_home_bytes(i, t, home);
     return total;
+  }
+
+  // Bytes tensor t of unit i takes at a donor home (see home_bytes_of).
+  std::uint64_t tensor_home_bytes(std::size_t i, std::size_t t, const device_id& home) const {
+    const auto numel = static_cast<std::uint64_t>(bound_.handles[i][t].numel());
+    if (const auto* info = quantized_info(i, t)) return info->bytes;
+    if (const auto stored = storage_type(i, t, home)) return numel * c10::elementSize(*stored);
+    return numel * c10::elementSize(compute_types_[i][t]);
   }
 
   // The GGUF tensor info of tensor t of unit i when, under keep_quantized, it stays quantized at a
@@ -697,6 +742,7 @@ class DistributedModule {
   const gguf_tensor_info* quantized_info(std::size_t i, std::size_t t) const {
     if (!spec_.keep_quantized) return nullptr;
     const auto& name = bound_.names[i][t];
+    if (own_values_.contains(name)) return nullptr;
     const auto it = sources_.find(name);
     if (it == sources_.end()) return nullptr;
     const auto* gguf = dynamic_cast<const gguf_source*>(it->second.source);
@@ -728,12 +774,14 @@ class DistributedModule {
   // carries them, so pinned RAM never silently doubles the model (runtime/host_staging.hpp).
   void decide_host_staging() {
     const bool async_reads = device_of(spec_.compute).torch_device.type() == c10::DeviceType::CUDA;
+    // Pinned homes take what the caching host allocator rounds each tensor up to.
     std::uint64_t cpu_home_bytes = 0, largest = 0;
-    for (const auto& u : plan_.units)
-      if (u.device.is_cpu() && u.device != spec_.compute) {
-        cpu_home_bytes += u.bytes;
-        largest = std::max(largest, u.bytes);
-      }
+    for (std::size_t i = 0; i < plan_.units.size(); ++i) {
+      const auto& u = plan_.units[i];
+      if (!u.device.is_cpu() || u.device == spec_.compute) continue;
+      for (std::size_t t = 0; t < bound_.handles[i].size(); ++t) cpu_home_bytes += pinned_block_bytes(tensor_home_bytes(i, t, u.device));
+      largest = std::max(largest, u.bytes);
+    }
     const auto choice = choose_host_staging(spec_.streaming, async_reads, cpu_home_bytes, largest, host_memory());
     pin_homes_ = choice.pin_homes;
     spec_.streaming.staging_ring_bytes = choice.ring_bytes;
@@ -742,6 +790,7 @@ class DistributedModule {
   at::Tensor unpatched_source(std::size_t unit, std::size_t t, const std::vector<std::vector<at::Tensor>>& originals) const {
     if (spec_.weights.empty()) return originals[unit][t];
     const auto& name = bound_.names[unit][t];
+    if (const auto own = own_values_.find(name); own != own_values_.end()) return own->second;
     const auto it = sources_.find(name);
     if (it != sources_.end()) return it->second.source->load(name);
     throw format_error({"reading weights", name, std::nullopt, "no weight file has this tensor", "pass the right weight files"});
@@ -759,7 +808,9 @@ class DistributedModule {
     return steps;
   }
 
-  // Load-Patch-Distribute one unit: stage on compute, patch, place at home. Returns the home copies.
+  // Load-Patch-Distribute one unit: a tensor an adapter patches (or one homed on the compute
+  // device) is staged on compute, patched there at full precision and placed at home; any other
+  // goes straight to its home. Returns the home copies.
   loaded_unit load_unit(std::size_t i, const device_id& home, const distorch::adapter_binding& b, const adapter_set& adapters,
                         const std::vector<std::vector<at::Tensor>>& originals) const {
     const auto& name = bound_.units.units()[i].name;
@@ -780,9 +831,19 @@ class DistributedModule {
                             "stored as " + std::string(c10::toString(source.scalar_type())) + ", the module holds " +
                                 std::string(c10::toString(module_type)),
                             "load weights stored in the model's dtypes"});
-      held_tensor staged = allocator_.copy_to(source, pool_, compute, {false, false, "staging unit '" + name + "'"});
       const auto steps = steps_for(b, adapters, tensor_name);
       const auto stored = storage_type(i, t, home);
+      if (home != spec_.compute && steps.empty()) {
+        // Nothing patches it: from the file (or the module) straight to its home, never over the
+        // compute device's link; a narrower storage dtype is cast where the tensor is.
+        const at::Tensor at_home =
+            stored ? cast_for_storage(source, *stored, spec_.storage.rounding, spec_.storage.seed, tensor_name) : source;
+        out.home_bytes += static_cast<std::uint64_t>(at_home.numel()) * at_home.element_size();
+        out.placed.push_back(allocator_.copy_to(at_home, pool_, target, {pin_for(home), false, "placing unit '" + name + "'"}));
+        add_after_fetch(out, t, stored, module_type);
+        continue;
+      }
+      held_tensor staged = allocator_.copy_to(source, pool_, compute, {false, false, "staging unit '" + name + "'"});
       at::Tensor merged = staged.data;
       if (!steps.empty()) {
         // Going to a storage dtype, a half-precision weight is merged in a float32 copy (merge
@@ -799,14 +860,19 @@ class DistributedModule {
       } else {
         out.placed.push_back(allocator_.copy_to(at_home, pool_, target, {pin_for(home), false, "placing unit '" + name + "'"}));
       }  // the staging copy is dropped here
-      if (stored) {
-        out.after_fetch.resize(t);  // the tensors before this one need nothing (or have theirs)
-        out.after_fetch.emplace_back([module_type](const at::Tensor& fetched) { return fetched.to(module_type); });
-      } else if (!out.after_fetch.empty()) {
-        out.after_fetch.emplace_back();
-      }
+      add_after_fetch(out, t, stored, module_type);
     }
     return out;
+  }
+
+  // Tensor t of a loaded unit stored narrower is cast back to the module's dtype after each fetch.
+  static void add_after_fetch(loaded_unit& out, std::size_t t, const std::optional<at::ScalarType>& stored, at::ScalarType module_type) {
+    if (stored) {
+      out.after_fetch.resize(t);  // the tensors before this one need nothing (or have theirs)
+      out.after_fetch.emplace_back([module_type](const at::Tensor& fetched) { return fetched.to(module_type); });
+    } else if (!out.after_fetch.empty()) {
+      out.after_fetch.emplace_back();
+    }
   }
 
   // A tensor that stays quantized goes from the file to its home as raw blocks; it never needs the
@@ -847,6 +913,15 @@ class DistributedModule {
     u.bytes = loaded.home_bytes;
     u.handles = bound_.handles[i];
     u.home_data = std::move(loaded.placed);
+    std::vector<std::shared_ptr<torch::nn::Module>> owners;
+    for (const auto& owner : bound_.buffer_owners[i])
+      if (owner && std::find(owners.begin(), owners.end(), owner) == owners.end()) owners.push_back(owner);
+    if (!owners.empty()) {
+      for (const auto& owner : bound_.buffer_owners[i]) u.buffers.push_back(owner != nullptr);
+      u.training = [owners = std::move(owners)] {
+        return std::any_of(owners.begin(), owners.end(), [](const auto& m) { return m->is_training(); });
+      };
+    }
     if (!loaded.after_fetch.empty()) {
       loaded.after_fetch.resize(u.handles.size());
       u.after_fetch = std::move(loaded.after_fetch);
@@ -920,6 +995,15 @@ class DistributedModule {
   void rehome(const placement_plan& next) {
     auto units = manager_->take_units();
     std::vector<std::vector<held_tensor>> fresh(units.size());
+    // Units moved to the host are pinned only while every pinned home stays within the pinned
+    // limit (unload() sends the whole model there); the rest rest in pageable memory.
+    const std::uint64_t pinned_limit = pinned_limit_of(spec_.streaming, host_memory());
+    std::uint64_t pinned = 0;
+    if (pin_for(device_id::cpu()))
+      for (std::size_t i = 0; i < units.size(); ++i)
+        if (units[i].home.is_cpu() && next.units[i].device.is_cpu())
+          for (const auto& h : units[i].home_data)
+            if (h.data.is_pinned()) pinned += h.booked.bytes();
     try {
       for (std::size_t i = 0; i < units.size(); ++i) {
         const device_id home = next.units[i].device;
@@ -928,8 +1012,14 @@ class DistributedModule {
         for (std::size_t t = 0; t < units[i].home_data.size(); ++t) {
           const at::Tensor& data = units[i].home_data[t].data;
           const bool dequantize_now = home == spec_.compute && t < units[i].after_fetch.size() && units[i].after_fetch[t];
-          fresh[i].push_back(allocator_.copy_to(dequantize_now ? units[i].after_fetch[t](data) : data, pool_, device_of(home),
-                                                {pin_for(home), false, doing}));
+          const at::Tensor source = dequantize_now ? units[i].after_fetch[t](data) : data;
+          bool pin = pin_for(home);
+          if (pin) {
+            const std::uint64_t block = pinned_block_bytes(static_cast<std::uint64_t>(source.numel()) * source.element_size());
+            pin = pinned + block <= pinned_limit;
+            if (pin) pinned += block;
+          }
+          fresh[i].push_back(allocator_.copy_to(source, pool_, device_of(home), {pin, false, doing}));
         }
       }
     } catch (...) {
@@ -1014,6 +1104,7 @@ class DistributedModule {
   std::unordered_map<const torch::nn::Module*, std::string> paths_;
   std::unordered_map<std::string, std::size_t> unit_of_tensor_;
   std::unordered_map<std::string, source_entry> sources_;
+  std::unordered_map<std::string, at::Tensor> own_values_;  // non-persistent buffers: name -> the module's value
   std::vector<std::vector<std::size_t>> sequential_units_;
   std::vector<std::size_t> uncovered_;
   std::vector<nn::streamed_module*> streamed_;

@@ -44,6 +44,13 @@ inline constexpr std::uint64_t fallback_ring_min = 2ull << 20;
 /// Largest ring `choose_host_staging` falls back to (see `fallback_ring_min`).
 inline constexpr std::uint64_t fallback_ring_max = 256ull << 20;
 
+/// Most host bytes pinned homes may take: `options.pinned_limit`, else half the host's RAM (0 when
+/// the host's RAM is unknown: nothing is pinned then).
+/// \code auto limit = distorch::pinned_limit_of(spec.streaming, distorch::host_memory()); \endcode
+inline std::uint64_t pinned_limit_of(const streaming_options& options, const std::optional<memory_figures>& host) noexcept {
+  return options.pinned_limit != 0 ? options.pinned_limit : host ? host->total / 2 : 0;
+}
+
 /// See the file comment. `async_reads` is whether the compute device copies from pinned memory
 /// asynchronously (a CUDA device with pinned memory available); `host` is the host's RAM
 /// (`host_memory()`), nullopt when unknown (then pinning everything is not risked).
@@ -55,7 +62,7 @@ inline host_staging_choice choose_host_staging(const streaming_options& options,
   if (cpu_home_bytes == 0) return {false, 0, "no unit is homed on the CPU"};
   if (!options.pinned_host) return {false, 0, "pinned host memory is off"};
   if (!async_reads) return {false, 0, "the compute device does not copy from pinned memory asynchronously"};
-  const std::uint64_t limit = options.pinned_limit != 0 ? options.pinned_limit : host ? host->total / 2 : 0;
+  const std::uint64_t limit = pinned_limit_of(options, host);
   const bool fits = host.has_value() && cpu_home_bytes <= limit && cpu_home_bytes <= host->free;
   if (fits)
     return {true, 0, "pinning " + format_bytes(cpu_home_bytes) + " of CPU homes fits (limit " + format_bytes(limit) + ", free " +

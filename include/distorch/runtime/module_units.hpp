@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -73,6 +74,9 @@ struct bound_module {
   inventory units;
   std::vector<std::vector<at::Tensor>> handles;      ///< per unit, distinct tensors in unit order
   std::vector<std::vector<std::string>> names;       ///< per unit, the name of each handle
+  /// Per unit, per handle: the module that registered it when it is a buffer, null for a parameter
+  /// (the residency manager writes buffers back home when `forward` changed them).
+  std::vector<std::vector<std::shared_ptr<torch::nn::Module>>> buffer_owners;
 
   /// Units that hold a tensor of the module at `path` (also under another name: a weight tied
   /// into an earlier unit belongs to every module that uses it), units named inside that module,
@@ -127,7 +131,8 @@ inline bound_module bind_units(torch::nn::Module& module, std::span<const groupi
   std::unordered_map<std::string, at::Tensor> by_name;
   std::unordered_map<const void*, std::string> first_name;  // TensorImpl -> first name
   std::unordered_map<const void*, std::uint64_t> storage_keys;
-  auto add = [&](const std::string& name, const at::Tensor& t) {
+  std::unordered_map<const void*, std::shared_ptr<torch::nn::Module>> owner_of_buffer;  // TensorImpl -> module
+  auto add = [&](const std::string& name, const at::Tensor& t, const std::shared_ptr<torch::nn::Module>& buffer_owner = nullptr) {
     if (!t.defined()) return;
     tensor_record r;
     r.name = name;
@@ -141,11 +146,12 @@ inline bound_module bind_units(torch::nn::Module& module, std::span<const groupi
     records.push_back(std::move(r));
     by_name.emplace(name, t);
     first_name.try_emplace(t.unsafeGetTensorImpl(), name);
+    if (buffer_owner) owner_of_buffer.try_emplace(t.unsafeGetTensorImpl(), buffer_owner);
   };
   for (const auto& item : module.named_modules("", true)) {
     const std::string prefix = item.key().empty() ? std::string() : item.key() + ".";
     for (const auto& p : item.value()->named_parameters(false)) add(prefix + p.key(), p.value());
-    for (const auto& b : item.value()->named_buffers(false)) add(prefix + b.key(), b.value());
+    for (const auto& b : item.value()->named_buffers(false)) add(prefix + b.key(), b.value(), item.value());
   }
   // Only tensors that share a storage with another tensor keep a storage key; the rest are alone.
   std::unordered_map<std::uint64_t, int> sharing;
@@ -158,14 +164,18 @@ inline bound_module bind_units(torch::nn::Module& module, std::span<const groupi
   for (const auto& u : bound.units.units()) {
     std::vector<at::Tensor> handles;
     std::vector<std::string> names;
+    std::vector<std::shared_ptr<torch::nn::Module>> owners;
     for (const auto& t : u.tensors) {
       const at::Tensor& h = by_name.at(t.name);
       if (first_name.at(h.unsafeGetTensorImpl()) != t.name) continue;  // a second name of one tensor
       handles.push_back(h);
       names.push_back(t.name);
+      const auto owner = owner_of_buffer.find(h.unsafeGetTensorImpl());
+      owners.push_back(owner == owner_of_buffer.end() ? nullptr : owner->second);
     }
     bound.handles.push_back(std::move(handles));
     bound.names.push_back(std::move(names));
+    bound.buffer_owners.push_back(std::move(owners));
   }
   bound.index();
   return bound;

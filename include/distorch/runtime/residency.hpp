@@ -20,6 +20,8 @@
 ///   records an event on the compute stream and makes the copy stream wait on it before anything
 ///   else is queued there: the caching allocator then cannot hand the released block to a new copy
 ///   while compute may still read it.
+/// - A device whose backend has no stream pool (MPS, say) gets synchronous copies and one warning
+///   (`detail::copy_stream_for`) instead of an error.
 /// - On the CPU and on simulated devices copies are synchronous. A unit fetched to a simulated
 ///   compute device gets a real, separate copy booked on that device, so fetch and release are
 ///   visible in its accounting.
@@ -40,6 +42,14 @@
 ///   staged is a `device_error` naming it, as it would be a device mismatch on a GPU.
 /// - Several threads or streams may run units at once. On stream devices every stream that enters
 ///   a unit waits on that unit's copy event, and a release fences every stream that read it.
+/// - Buffers are written back, not kept resident: at release, a buffer whose version counter moved
+///   since the unit was staged (an in-place write through the handle: a cache, a step counter),
+///   every buffer of a unit whose modules train (BatchNorm's running statistics, which LibTorch 1.13
+///   updates without a version bump), and every buffer made under `c10::InferenceMode` (such
+///   tensors have no version counter) is copied back into its home copy before the handle leaves
+///   the fetched one. The copy is synchronous; units whose buffers nothing writes pay nothing.
+///   Keeping such units resident instead would pin them to the compute device whatever the plan
+///   says (docs/design.md, "Buffers written by forward").
 /// - Copy time is the time the copies really took: on stream devices the time between timing
 ///   events around them where LibTorch can measure it (2.5 and later), else until the host first
 ///   sees them complete; on the CPU the host time of the synchronous copies.
@@ -91,6 +101,32 @@
 
 namespace distorch::inline v0 {
 
+namespace detail {
+
+/// A side stream for copies to `device` from its backend's stream pool, or nullopt when the
+/// backend has none (MPS, a guard without a stream pool): copies to that device are then
+/// synchronous, said once per device in a warning, instead of an error.
+/// \code auto s = distorch::detail::copy_stream_for(c10::Device(c10::DeviceType::CUDA, 0), "cuda:0"); \endcode
+inline std::optional<c10::Stream> copy_stream_for(const c10::Device& device, const std::string& name) {
+  try {
+    c10::impl::VirtualGuardImpl guard(device.type());
+    return guard.getStreamFromGlobalPool(device, false);
+  } catch (const c10::Error& e) {
+    static std::mutex mutex;
+    static std::vector<std::string> told;
+    std::lock_guard lock(mutex);
+    if (std::find(told.begin(), told.end(), name) == told.end()) {
+      told.push_back(name);
+      const std::string why = e.what_without_backtrace();
+      log(log_level::warning, "distorch: " + name + " has no stream pool (" + why.substr(0, why.find('\n')) +
+                                  "); copies to it are synchronous, without overlap");
+    }
+    return std::nullopt;
+  }
+}
+
+}  // namespace detail
+
 /// How streaming behaves.
 /// \code distorch::streaming_options o{.prefetch_depth = 2, .staging_ring_bytes = 64ull << 20}; \endcode
 struct streaming_options {
@@ -135,6 +171,12 @@ struct residency_unit {
   /// Bytes the unit takes on the compute device once staged, after its `after_fetch` transforms
   /// (e.g. float32 of weights stored as float8); 0 = `bytes`. The prefetch window counts this.
   std::uint64_t compute_bytes = 0;
+  /// Empty, or one per handle: true for a buffer. A buffer that `forward` changed on the compute
+  /// device is copied back into its home copy when the unit is released (see the file comment).
+  std::vector<bool> buffers;
+  /// True while the modules holding the unit's buffers train (their buffers are then written back
+  /// at every release, whatever their version counters say); empty = never.
+  std::function<bool()> training;
 };
 
 /// What happened, for tracing and tests.
@@ -180,10 +222,8 @@ class residency_manager {
                                 std::to_string(u.after_fetch.size()) + " after-fetch transforms",
                             "give no transforms, or one per tensor (an empty function for none)"});
     state_.resize(units_.size());
-    if (!target_->host_backed()) {
-      streams_.emplace(target_->torch_device.type());
-      copy_stream_ = streams_->getStreamFromGlobalPool(target_->torch_device, false);
-    }
+    if (!target_->host_backed())
+      if ((copy_stream_ = detail::copy_stream_for(target_->torch_device, compute_.str()))) streams_.emplace(target_->torch_device.type());
     make_ring();
     recompute_window();
     strict_ = options_.strict && target_->simulated;
@@ -487,6 +527,7 @@ class residency_manager {
     std::optional<c10::Event> ready;   // stream devices: completion of those copies
     std::vector<c10::Stream> readers;  // stream devices: every compute stream that entered since the fetch
     std::vector<at::Tensor> wires;     // strict mode: what the handles hold between uses
+    std::vector<std::int64_t> versions;  // per handle: its version counter when staged (buffers only)
     int active = 0;
     bool staged = false;     // handles point at `fetched`
     bool ahead = false;      // fetched by prefetch and not yet entered
@@ -688,6 +729,11 @@ class residency_manager {
       if (!copies.empty()) compute_passed_here();
     }
     for (std::size_t t = 0; t < u.handles.size(); ++t) u.handles[t].set_data(s.fetched[t].data);
+    if (!u.buffers.empty()) {
+      s.versions.assign(u.handles.size(), -1);
+      for (std::size_t t = 0; t < u.handles.size(); ++t)
+        if (u.buffers[t]) s.versions[t] = version_of(u.handles[t]);
+    }
     s.staged = true;
     if (s.ahead) drop(ahead_, i);
     s.ahead = false;
@@ -829,9 +875,47 @@ class residency_manager {
     }
   }
 
+  // The version counter of a handle; -1 for a tensor made under InferenceMode, which has none.
+  static std::int64_t version_of(const at::Tensor& t) {
+    auto* impl = t.unsafeGetTensorImpl();
+    return impl->is_inference() ? -1 : static_cast<std::int64_t>(impl->version_counter().current_version());
+  }
+
+  // Copies the buffers of staged unit i that forward changed back into their home copies (see the
+  // file comment). A failure is logged, not thrown: release runs where nothing may throw.
+  void write_back_buffers(std::size_t i) noexcept {
+    auto& u = units_[i];
+    auto& s = state_[i];
+    if (u.buffers.empty()) return;
+    bool training = false;
+    try {
+      training = u.training && u.training();
+    } catch (...) {
+    }
+    for (std::size_t t = 0; t < u.handles.size(); ++t) {
+      if (!u.buffers[t] || t >= s.versions.size()) continue;
+      const std::int64_t now = version_of(u.handles[t]);
+      if (!training && now >= 0 && now == s.versions[t]) continue;
+      at::Tensor& home = u.home_data[t].data;
+      const at::Tensor& fetched = s.fetched[t].data;
+      if (home.sizes() != fetched.sizes()) {  // kept quantized at home: there is no way back
+        log(log_level::warning, "distorch: buffer " + std::to_string(t) + " of unit '" + u.name +
+                                    "' changed on " + compute_.str() + " but its home keeps it quantized; the change is lost");
+        continue;
+      }
+      try {
+        home.copy_(fetched);  // dtype-converting where the home stores a narrower dtype
+        ++stats_.buffers_written_back;
+      } catch (const std::exception& e) {
+        log(log_level::error, "distorch: could not write buffer " + std::to_string(t) + " of unit '" + u.name + "' back home: " + e.what());
+      }
+    }
+  }
+
   void release(std::size_t i) {
     auto& u = units_[i];
     auto& s = state_[i];
+    if (s.staged) write_back_buffers(i);
     if (s.staged)
       for (std::size_t t = 0; t < u.handles.size(); ++t) u.handles[t].set_data(at_rest(i, t));
     // Compute may still read the copies: the copy stream (whose pool the blocks return to) waits
@@ -844,6 +928,7 @@ class residency_manager {
     if (s.ahead) drop(ahead_, i);
     if (s.lingering) drop(lingering_, i);
     s.fetched.clear();
+    s.versions.clear();
     s.readers.clear();
     s.ready.reset();
     s.staged = false;

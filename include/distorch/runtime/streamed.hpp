@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <type_traits>
 #include <utility>
@@ -27,6 +28,7 @@
 
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
+#include <c10/util/Optional.h>
 
 #include "distorch/runtime/residency.hpp"
 
@@ -66,6 +68,22 @@ class streamed_module {
   std::vector<std::size_t> units_;
 };
 
+namespace detail {
+
+/// A deep copy of a streamed `Impl` that is again a `Streamed<Impl>` (unattached): LibTorch's
+/// `Cloneable<Impl>::clone` copies the `Impl` part only, which would make `Sequential::clone`,
+/// `AnyModule` and every clone of a model drop the streaming.
+template <class S, class Impl>
+std::shared_ptr<torch::nn::Module> clone_streamed(const S& self, const c10::optional<c10::Device>& device) {
+  std::shared_ptr<torch::nn::Module> copy = self.Impl::clone(device);
+  if constexpr (std::is_copy_constructible_v<Impl>) {
+    if (auto* impl = dynamic_cast<Impl*>(copy.get())) return std::make_shared<S>(typename S::from_impl{}, *impl);
+  }
+  return copy;
+}
+
+}  // namespace detail
+
 /// Primary template: selected only when `Impl::forward` is not a single member function, which
 /// `Streamed` cannot wrap (the same rule `AnyModule` has).
 template <class Impl, class Forward = decltype(&Impl::forward)>
@@ -82,6 +100,15 @@ template <class Impl, class Owner, class Result, class... Args>
 class Streamed<Impl, Result (Owner::*)(Args...)> : public Impl, public streamed_module {
  public:
   using Impl::Impl;
+  /// Tag of the constructor that wraps an existing `Impl`. \code Streamed s(Streamed::from_impl{}, impl); \endcode
+  struct from_impl {};
+  /// Wraps a copy of `impl` (shares its tensors); what `clone` uses.
+  Streamed(from_impl, const Impl& impl) : Impl(impl) {}
+  /// A deep copy that still streams once a distributed module owns it.
+  /// \code auto copy = std::dynamic_pointer_cast<distorch::nn::Streamed<torch::nn::LinearImpl>>(fc->clone()); \endcode
+  std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
+    return detail::clone_streamed<Streamed, Impl>(*this, device);
+  }
   /// Stages this layer's units (fetching them when streamed), runs `Impl::forward`, leaves them.
   Result forward(Args... args) {
     auto staged = enter_units();
@@ -94,6 +121,15 @@ template <class Impl, class Owner, class Result, class... Args>
 class Streamed<Impl, Result (Owner::*)(Args...) const> : public Impl, public streamed_module {
  public:
   using Impl::Impl;
+  /// Tag of the constructor that wraps an existing `Impl`. \code Streamed s(Streamed::from_impl{}, impl); \endcode
+  struct from_impl {};
+  /// Wraps a copy of `impl` (shares its tensors); what `clone` uses.
+  Streamed(from_impl, const Impl& impl) : Impl(impl) {}
+  /// A deep copy that still streams once a distributed module owns it.
+  /// \code auto copy = layer->clone(); \endcode
+  std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
+    return detail::clone_streamed<Streamed, Impl>(*this, device);
+  }
   /// As the non-const `forward`: stages the units, runs `Impl::forward`, leaves them.
   Result forward(Args... args) const {
     auto staged = const_cast<Streamed*>(this)->enter_units();

@@ -39,6 +39,7 @@ struct streaming_stats {
   std::uint64_t reentries = 0;        ///< entries that found their unit still staged in the same pass (no copy)
   std::uint64_t ring_chunks = 0;      ///< slot-sized pieces copied through the host staging ring
   std::uint64_t ring_bytes = 0;       ///< bytes copied through the host staging ring
+  std::uint64_t buffers_written_back = 0;  ///< buffers forward changed on the compute device, copied back home at release
   double copy_seconds = 0;            ///< time the copies took (see the file comment)
   double wait_seconds = 0;            ///< host time compute waited for a unit to become resident
 
@@ -52,14 +53,15 @@ struct streaming_stats {
   /// One line for logs and the demo.
   /// \code std::puts(dm.stats().str().c_str()); \endcode
   std::string str() const {
-    char buffer[320];
+    char buffer[400];
     std::snprintf(buffer, sizeof buffer,
                   "fetched %llu units (%s) in %.6f s; prefetch hits %llu, misses %llu, late %llu; "
-                  "compute waited %.6f s; released %llu; re-entered %llu",
+                  "compute waited %.6f s; released %llu; re-entered %llu; buffers written back %llu",
                   static_cast<unsigned long long>(fetches), format_bytes(bytes_fetched).c_str(), copy_seconds,
                   static_cast<unsigned long long>(prefetch_hits), static_cast<unsigned long long>(prefetch_misses),
                   static_cast<unsigned long long>(late_prefetches), wait_seconds,
-                  static_cast<unsigned long long>(releases), static_cast<unsigned long long>(reentries));
+                  static_cast<unsigned long long>(releases), static_cast<unsigned long long>(reentries),
+                  static_cast<unsigned long long>(buffers_written_back));
     return buffer;
   }
 

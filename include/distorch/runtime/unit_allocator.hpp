@@ -31,6 +31,7 @@
 #include "distorch/core/bytes.hpp"
 #include "distorch/core/error.hpp"
 #include "distorch/device/byte_budget.hpp"
+#include "distorch/memory/pinned_host_allocator.hpp"
 #include "distorch/runtime/device_pool.hpp"
 
 namespace distorch::inline v0 {
@@ -64,7 +65,8 @@ struct booked_copy_allocator {
   held_tensor copy_to(const at::Tensor& source, const device_pool& pool, const pool_device& target,
                       const copy_request& request) const {
     const auto bytes = static_cast<std::uint64_t>(source.numel()) * source.element_size();
-    reservation booked = pool.reserve(target.id, bytes, request.doing);
+    // Pinned blocks are booked at the size the caching host allocator really takes for them.
+    reservation booked = pool.reserve(target.id, request.pinned ? pinned_block_bytes(bytes) : bytes, request.doing);
     at::Tensor out;
     try {
       // A dense source keeps its strides (channels_last stays channels_last); others are packed.
