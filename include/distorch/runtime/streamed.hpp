@@ -73,6 +73,12 @@ namespace detail {
 /// A deep copy of a streamed `Impl` that is again a `Streamed<Impl>` (unattached): LibTorch's
 /// `Cloneable<Impl>::clone` copies the `Impl` part only, which would make `Sequential::clone`,
 /// `AnyModule` and every clone of a model drop the streaming.
+/// Copies the `Module` part (parameters, buffers, submodules, name, training flag) of `from` into
+/// `to`. LibTorch 1.x derives `Cloneable` from `Module` virtually, so a class deriving from an
+/// `Impl` initialises `Module` itself (empty) and `Impl`'s copy constructor cannot fill it; in 2.x
+/// this assigns what the copy already holds.
+inline void copy_module_state(torch::nn::Module& to, const torch::nn::Module& from) { to = from; }
+
 template <class S, class Impl>
 std::shared_ptr<torch::nn::Module> clone_streamed(const S& self, const c10::optional<c10::Device>& device) {
   std::shared_ptr<torch::nn::Module> copy = self.Impl::clone(device);
@@ -103,7 +109,7 @@ class Streamed<Impl, Result (Owner::*)(Args...)> : public Impl, public streamed_
   /// Tag of the constructor that wraps an existing `Impl`. \code Streamed s(Streamed::from_impl{}, impl); \endcode
   struct from_impl {};
   /// Wraps a copy of `impl` (shares its tensors); what `clone` uses.
-  Streamed(from_impl, const Impl& impl) : Impl(impl) {}
+  Streamed(from_impl, const Impl& impl) : Impl(impl) { detail::copy_module_state(*this, impl); }
   /// A deep copy that still streams once a distributed module owns it.
   /// \code auto copy = std::dynamic_pointer_cast<distorch::nn::Streamed<torch::nn::LinearImpl>>(fc->clone()); \endcode
   std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
@@ -124,7 +130,7 @@ class Streamed<Impl, Result (Owner::*)(Args...) const> : public Impl, public str
   /// Tag of the constructor that wraps an existing `Impl`. \code Streamed s(Streamed::from_impl{}, impl); \endcode
   struct from_impl {};
   /// Wraps a copy of `impl` (shares its tensors); what `clone` uses.
-  Streamed(from_impl, const Impl& impl) : Impl(impl) {}
+  Streamed(from_impl, const Impl& impl) : Impl(impl) { detail::copy_module_state(*this, impl); }
   /// A deep copy that still streams once a distributed module owns it.
   /// \code auto copy = layer->clone(); \endcode
   std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
